@@ -1,0 +1,86 @@
+"""The Storage interface between the Raft core and stable storage.
+
+The core only reads through `Storage` (etcd-io/raft's narrow read interface);
+the shell writes through `WritableStorage` while handling a `Ready`.
+`MemoryStorage` (in `memory_storage.py`) is the reference implementation used
+by unit tests; `chubbyfs.storage.raft_storage.DiskStorage` keeps the same
+contract on a write-ahead log and snapshot files.
+
+Index conventions (as in etcd): the storage holds a "dummy" position at
+`first_index() - 1` whose term is known (the last compacted / snapshot entry),
+followed by entries `first_index() .. last_index()`. An empty log has
+first_index() == 1 and last_index() == 0 and term(0) == 0.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .types import ConfState, Entry, HardState, Snapshot
+
+
+class StorageError(Exception):
+    pass
+
+
+class CompactedError(StorageError):
+    """The requested index is before first_index(): it is only in the snapshot."""
+
+
+class UnavailableError(StorageError):
+    """The requested index is after last_index()."""
+
+
+class SnapshotOutOfDateError(StorageError):
+    """A snapshot older than the one already held was offered."""
+
+
+class Storage(Protocol):
+    def initial_state(self) -> tuple[HardState, ConfState]:
+        """Hard state and membership as of the last persisted state.
+
+        The ConfState is that of the snapshot plus every CONF_CHANGE entry in
+        the stored log (membership takes effect when appended)."""
+        ...
+
+    def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+        """Entries [lo, hi). Always returns at least one entry if lo < hi, even
+        if it exceeds max_bytes. Raises CompactedError / UnavailableError."""
+        ...
+
+    def term(self, index: int) -> int:
+        """Term of the entry at index; valid for first_index()-1 .. last_index()."""
+        ...
+
+    def first_index(self) -> int: ...
+
+    def last_index(self) -> int: ...
+
+    def snapshot(self) -> Snapshot:
+        """The most recent snapshot (empty Snapshot() if none)."""
+        ...
+
+
+class WritableStorage(Storage, Protocol):
+    def append(self, entries: list[Entry]) -> None:
+        """Append entries; an entry at an index <= last_index() truncates the
+        stored log from that index first (a conflicting suffix is replaced)."""
+        ...
+
+    def set_hard_state(self, hs: HardState) -> None: ...
+
+    def apply_snapshot(self, snap: Snapshot) -> None:
+        """Replace the whole log with a snapshot received from the leader."""
+        ...
+
+    def create_snapshot(self, index: int, conf: ConfState, data: bytes) -> Snapshot:
+        """Record a snapshot of the applied state at `index` (<= applied)."""
+        ...
+
+    def compact(self, index: int) -> None:
+        """Discard entries before `index` (they must be covered by a snapshot)."""
+        ...
+
+    def sync(self) -> None:
+        """Make everything written so far durable (fsync). A no-op in memory."""
+        ...
