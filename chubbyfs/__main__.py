@@ -1,0 +1,5 @@
+import sys
+
+from chubbyfs.cli import main
+
+sys.exit(main())

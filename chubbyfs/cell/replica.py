@@ -1,0 +1,190 @@
+"""One replica process: `chubbyfs cell start --config FILE --id N`.
+
+Composes the pieces: durable storage in the replica's data directory, the
+Raft node, the TCP transport to its peers, and one listener that accepts both
+replica-to-replica (`kind: raft`) and client (`kind: client`) connections.
+Until the Chubby state machine is plugged in, the replicated state is the
+key/value register of `cell/kv.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from chubbyfs.raft.node import NodeStoppedError, ProposalLostError, RaftNode, bootstrap_storage
+from chubbyfs.raft.rawnode import Config, NotLeaderError, ProposalDroppedError
+from chubbyfs.raft.tcp_transport import TcpTransport
+from chubbyfs.storage.fs import RealFS
+from chubbyfs.storage.raft_storage import DiskStorage
+from chubbyfs.wire.framing import PROTOCOL_VERSION, FrameError, check_handshake
+from chubbyfs.wire.stream import FramedStream, parse_address
+
+from . import kv
+from .config import CellConfig
+
+log = logging.getLogger(__name__)
+
+CLIENT_MAX_FRAME_BYTES = 1024 * 1024
+RAFT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+HANDSHAKE_TIMEOUT_S = 5.0
+PROPOSAL_TIMEOUT_S = 5.0
+
+
+class Replica:
+    def __init__(self, cell: CellConfig, replica_id: int, *, join: bool = False) -> None:
+        self.cell = cell
+        self.me = cell.replica(replica_id)
+        self.data_dir = self.me.data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fs = RealFS()
+        raft_dir = str(self.data_dir / "raft")
+        fs.mkdir(raft_dir)
+        self.storage = DiskStorage.open(fs, raft_dir)
+        if not join:
+            bootstrap_storage(self.storage, [r.id for r in cell.replicas])
+        self.state_machine = kv.KVStateMachine()
+        self.transport = TcpTransport(replica_id, cell.name, cell.addresses())
+        self.node = RaftNode(
+            config=Config(id=replica_id, election_tick=cell.election_tick, heartbeat_tick=cell.heartbeat_tick),
+            storage=self.storage,
+            transport=self.transport,
+            state_machine=self.state_machine,
+            rng=random.Random(),
+            tick_seconds=cell.tick_ms / 1000,
+            snapshot_every=cell.snapshot_every,
+        )
+        self.transport.deliver = self.node.deliver
+        self.transport.on_unreachable = self.node.raw.report_unreachable
+        self.listen_port: int | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = parse_address(self.me.address)
+        (self.data_dir / "pid").write_text(f"{os.getpid()}\n")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.node.run)
+            nursery.start_soon(self.transport.run)
+            listeners = await nursery.start(trio.serve_tcp, self._handle_connection, port, host)
+            self.listen_port = listeners[0].socket.getsockname()[1]
+            log.info("replica %d of cell %s serving on %s:%d", self.me.id, self.cell.name, host, self.listen_port)
+            task_status.started(self.listen_port)
+
+    async def _handle_connection(self, stream: trio.SocketStream) -> None:
+        framed = FramedStream(stream, RAFT_MAX_FRAME_BYTES)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                hello = await framed.receive()
+            kind = hello.get("kind") if isinstance(hello, dict) else None
+            hello = check_handshake(hello, kind if kind in ("raft", "client") else "client")
+            if hello.get("cell") not in (None, self.cell.name):
+                await framed.send({"v": PROTOCOL_VERSION, "kind": kind,
+                                   "error": f"this replica serves cell {self.cell.name!r}, not {hello.get('cell')!r}"})
+                return
+            await framed.send({"v": PROTOCOL_VERSION, "kind": kind, "id": self.me.id, "cell": self.cell.name})
+            if kind == "raft":
+                await self.transport.serve_inbound(framed, hello)
+            else:
+                framed.set_max_frame_bytes(CLIENT_MAX_FRAME_BYTES)
+                await self._serve_client(framed)
+        except (EOFError, FrameError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            log.debug("connection ended: %s", exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_client(self, framed: FramedStream) -> None:
+        """Requests on one connection run concurrently; each reply carries the
+        request's id so the client can match them."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    request = await framed.receive()
+                except EOFError:
+                    break
+                nursery.start_soon(self._answer, framed, request)
+
+    async def _answer(self, framed: FramedStream, request: Any) -> None:
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            reply: dict = {"error": "bad_request", "message": "a request is a map with an 'op' string"}
+        else:
+            reply = await self.handle(request)
+        reply["id"] = request.get("id") if isinstance(request, dict) else None
+        try:
+            await framed.send(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def handle(self, request: dict) -> dict:
+        op = request["op"]
+        try:
+            if op == "status":
+                return {"ok": True, "status": self.status()}
+            if op == "get":
+                return {"ok": True, **await self.node.read(("get", _key(request)))}
+            if op in ("put", "cas"):
+                command = (kv.encode_put(_key(request), _bytes(request, "value")) if op == "put"
+                           else kv.encode_cas(_key(request), request.get("expected"), _bytes(request, "value")))
+                with trio.move_on_after(PROPOSAL_TIMEOUT_S):
+                    return await self.node.propose(command)
+                return {"error": "timeout", "message": "not committed in time; outcome unknown"}
+            if op == "transfer_leadership":
+                await self.node.transfer_leadership(int(request["target"]))
+                return {"ok": True}
+            if op in ("add_voter", "remove_voter"):
+                target = int(request["replica"])
+                self.cell.replica(target)  # only replicas named in the config
+                with trio.move_on_after(PROPOSAL_TIMEOUT_S):
+                    if op == "add_voter":
+                        await self.node.add_voter(target)
+                    else:
+                        await self.node.remove_voter(target)
+                    return {"ok": True}
+                return {"error": "timeout", "message": "membership change not committed in time"}
+            return {"error": "bad_request", "message": f"unknown op {op!r}"}
+        except NotLeaderError as exc:
+            leader = exc.leader
+            address = self.cell.addresses().get(leader) if leader else None
+            return {"error": "not_leader", "leader": leader, "leader_address": address}
+        except ProposalLostError as exc:
+            return {"error": "lost", "message": str(exc)}
+        except ProposalDroppedError as exc:
+            return {"error": "retry", "message": str(exc) or "proposal dropped; retry"}
+        except NodeStoppedError as exc:
+            return {"error": "unavailable", "message": str(exc)}
+        except (KeyError, ValueError, TypeError) as exc:
+            return {"error": "bad_request", "message": str(exc)}
+
+    def status(self) -> dict:
+        st = self.node.status()
+        st.update({"address": self.me.address, "pid": os.getpid(), "cell": self.cell.name,
+                   "leader_address": self.cell.addresses().get(st["leader"])})
+        return st
+
+
+def _key(request: dict) -> str:
+    key = request.get("key")
+    if not isinstance(key, str) or not key:
+        raise ValueError("'key' must be a non-empty string")
+    return key
+
+
+def _bytes(request: dict, field: str) -> bytes:
+    value = request.get(field)
+    if isinstance(value, str):
+        return value.encode()
+    if not isinstance(value, bytes):
+        raise ValueError(f"{field!r} must be bytes or a string")
+    return value
+
+
+async def run_replica(cell: CellConfig, replica_id: int, *, join: bool = False) -> None:
+    replica = Replica(cell, replica_id, join=join)
+    await replica.run()
+
+
+def data_dir_of(cell: CellConfig, replica_id: int) -> Path:
+    return cell.replica(replica_id).data_dir

@@ -1,0 +1,182 @@
+"""A client's connection to a cell: find the master, follow redirects, retry.
+
+Any replica answers; a non-master answers `not_leader` with the master's
+address, and the connection follows it. While no master is known it retries
+with back-off until the call's deadline. The session protocol (KeepAlive,
+cache, events) builds on this class rather than replacing it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import trio
+
+from chubbyfs.wire.framing import FrameError
+from chubbyfs.wire.stream import FramedStream, open_framed, parse_address
+
+RETRYABLE_ALWAYS = {"not_leader", "lost", "retry"}
+# The request may or may not have taken effect; only idempotent calls retry.
+AMBIGUOUS = {"timeout", "unavailable"}
+
+
+class CellError(Exception):
+    """The cell refused a request; `.code` says why (e.g. 'bad_request')."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+class CellUnavailableError(CellError):
+    """No master answered within the call's deadline."""
+
+
+class _Link:
+    def __init__(self, address: str, framed: FramedStream) -> None:
+        self.address = address
+        self.framed = framed
+        self.pending: dict[int, trio.MemorySendChannel] = {}
+        self.alive = True
+
+
+class CellConnection:
+    def __init__(self, addresses: list[str], nursery: trio.Nursery, *, cell: str | None = None,
+                 call_timeout_s: float = 15.0) -> None:
+        if not addresses:
+            raise ValueError("a cell needs at least one replica address")
+        for a in addresses:
+            parse_address(a)
+        self.addresses = list(addresses)
+        self.cell = cell
+        self.call_timeout_s = call_timeout_s
+        self._nursery = nursery
+        self._link: _Link | None = None
+        self._link_lock = trio.Lock()
+        self._ids = itertools.count(1)
+        self._preferred: str | None = None
+        self._rotation = itertools.cycle(random.sample(self.addresses, len(self.addresses)))
+
+    async def call(self, op: str, *, idempotent: bool = True, **args: Any) -> dict:
+        """Send one request to the master and return its successful reply."""
+        backoff = 0.01
+        last = "no replica reachable"
+        with trio.move_on_after(self.call_timeout_s):
+            while True:
+                try:
+                    link = await self._get_link()
+                    reply = await self._roundtrip(link, {"op": op, **args})
+                except (OSError, EOFError, FrameError, trio.TooSlowError, trio.BrokenResourceError,
+                        trio.ClosedResourceError, ConnectionRefusedError) as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                    if getattr(exc, "sent", False) and not idempotent:
+                        raise CellError("unknown_outcome", f"connection lost after sending: {last}") from None
+                    self._preferred = None
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 0.5)
+                    continue
+                err = reply.get("error")
+                if err is None:
+                    return reply
+                if err == "not_leader":
+                    self._preferred = reply.get("leader_address")
+                    if self._link is not None and self._link.address != self._preferred:
+                        await self._drop_link()
+                    last = "replica is not the master" + ("" if self._preferred else "; no master known")
+                    if not self._preferred:
+                        await trio.sleep(backoff)
+                        backoff = min(backoff * 2, 0.5)
+                    continue
+                if err in RETRYABLE_ALWAYS or (err in AMBIGUOUS and idempotent):
+                    last = f"{err}: {reply.get('message', '')}"
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 0.5)
+                    continue
+                if err in AMBIGUOUS:
+                    raise CellError("unknown_outcome", reply.get("message", err))
+                raise CellError(err, reply.get("message", ""))
+        raise CellUnavailableError("unavailable", f"no master answered within {self.call_timeout_s}s ({last})")
+
+    async def call_replica(self, address: str, op: str, *, timeout_s: float = 2.0, **args: Any) -> dict:
+        """One request to one specific replica, no redirects (for status)."""
+        host, port = parse_address(address)
+        framed, _ = await open_framed(host, port, {"kind": "client", "cell": self.cell}, connect_timeout_s=timeout_s)
+        try:
+            with trio.fail_after(timeout_s):
+                await framed.send({"op": op, "id": 0, **args})
+                return await framed.receive()
+        finally:
+            await trio.aclose_forcefully(framed.stream)
+
+    async def _roundtrip(self, link: _Link, request: dict) -> dict:
+        request_id = next(self._ids)
+        request["id"] = request_id
+        send, receive = trio.open_memory_channel[dict](1)
+        link.pending[request_id] = send
+        try:
+            await link.framed.send(request)
+            try:
+                return await receive.receive()
+            except trio.EndOfChannel:
+                exc = EOFError(f"connection to {link.address} lost")
+                exc.sent = True  # type: ignore[attr-defined]
+                raise exc from None
+        finally:
+            link.pending.pop(request_id, None)
+
+    async def _get_link(self) -> _Link:
+        async with self._link_lock:
+            link = self._link
+            if link is not None and link.alive and (self._preferred in (None, link.address)):
+                return link
+            if link is not None:
+                await self._drop_link()
+            address = self._preferred or next(self._rotation)
+            self._preferred = None
+            host, port = parse_address(address)
+            framed, _ = await open_framed(host, port, {"kind": "client", "cell": self.cell})
+            link = self._link = _Link(address, framed)
+            self._nursery.start_soon(self._read_replies, link)
+            return link
+
+    async def _read_replies(self, link: _Link) -> None:
+        try:
+            while True:
+                reply = await link.framed.receive()
+                waiter = link.pending.pop(reply.get("id"), None) if isinstance(reply, dict) else None
+                if waiter is not None:
+                    waiter.send_nowait(reply)
+        except (OSError, EOFError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            link.alive = False
+            for waiter in link.pending.values():
+                waiter.close()
+            link.pending.clear()
+            if self._link is link:
+                self._link = None
+            await trio.aclose_forcefully(link.framed.stream)
+
+    async def _drop_link(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link.alive = False
+            await trio.aclose_forcefully(link.framed.stream)
+
+    async def aclose(self) -> None:
+        await self._drop_link()
+
+
+@asynccontextmanager
+async def open_cell_connection(addresses: list[str], **kwargs: Any) -> AsyncIterator[CellConnection]:
+    async with trio.open_nursery() as nursery:
+        conn = CellConnection(addresses, nursery, **kwargs)
+        try:
+            yield conn
+        finally:
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
