@@ -148,6 +148,7 @@ class RaftNode:
         self._resumed = trio.Event()
         self._resumed.set()
         self.dropped_inbound = 0
+        self.snapshots_restored = 0
 
     # ---- inputs from other tasks -------------------------------------------------
 
@@ -226,6 +227,8 @@ class RaftNode:
             "last_index": self.storage.last_index(),
             "lease_valid": self.role == Role.LEADER and self.raw.lease_valid(),
             "voters": list(self._applied_conf.voters),
+            "snapshot_index": self._last_snapshot_index,
+            "snapshots_restored": self.snapshots_restored,
         }
 
     # ---- the loop ------------------------------------------------------------------
@@ -325,6 +328,7 @@ class RaftNode:
         self.commit = max(self.commit, snap.meta.index)
         self._applied_conf = snap.meta.conf
         self._last_snapshot_index = snap.meta.index
+        self.snapshots_restored += 1
         # Proposals at or below the snapshot index were decided elsewhere; we
         # cannot tell which of them survived.
         for index in [i for i in self._proposals if i <= snap.meta.index]:
