@@ -273,8 +273,10 @@ class SimFS:
     def mkdir(self, path: str) -> None:
         path = _normalize(path)
         self._require_dir(_parent(path))
-        if path in self._dirs or path in self._names:
-            raise FileExistsError(f"file exists: {path}")
+        if path in self._dirs:
+            return  # idempotent, like the FileSystem protocol says
+        if path in self._names:
+            raise FileExistsError(f"a file has that name: {path}")
         self._dirs.add(path)
         self._pending_dir_ops.append(_DirOp("mkdir", _parent(path), path))
         self._record(f"mkdir {path}")

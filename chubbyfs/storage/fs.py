@@ -67,7 +67,7 @@ class FileSystem(Protocol):
         ...
 
     def mkdir(self, path: str) -> None:
-        """Create one directory; its parent must exist."""
+        """Create one directory if it does not exist yet; its parent must."""
         ...
 
     def exists(self, path: str) -> bool: ...
@@ -140,7 +140,8 @@ class RealFS:
         return sorted(os.listdir(path))
 
     def mkdir(self, path: str) -> None:
-        os.mkdir(path)
+        if not os.path.isdir(path):
+            os.mkdir(path)
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
