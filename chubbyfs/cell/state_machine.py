@@ -304,6 +304,13 @@ class CellStateMachine:
             limits = CellLimits().with_overrides(cmd.limits)
         except ValueError as exc:
             raise _Fail(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        admin_contents = acl_mod.format_acl(cmd.admins)
+        if (len(admin_contents) > limits.max_node_bytes
+                or limits.max_name_bytes < len(ADMIN_ACL_NAME)
+                or limits.max_name_bytes < len(names.ACL_DIRECTORY_NAME)
+                or limits.max_path_depth < 2):
+            raise _Fail(ErrorCode.INVALID_ARGUMENT,
+                        "limits are too small for the bootstrap nodes")
         self.cell = cmd.cell
         self.secret = cmd.secret
         self.admins = frozenset(cmd.admins)
@@ -313,7 +320,7 @@ class CellStateMachine:
         acl_dir = self._new_node(root, names.acl_directory(cmd.cell), True, False, b"",
                                  admin_acl)
         self._new_node(acl_dir, names.acl_file_path(cmd.cell, ADMIN_ACL_NAME), False, False,
-                       acl_mod.format_acl(cmd.admins), admin_acl)
+                       admin_contents, admin_acl)
         return Result(ErrorCode.OK, value=self._stat(root))
 
     def _create_session(self, cmd: CreateSession, fx: _Effects) -> Result:

@@ -56,10 +56,11 @@ class Harness:
 
     def err(self, cmd: Any, code: ErrorCode) -> ApplyResult:
         before = state_without_index(self.sm)
+        now_before = self.sm.now_ms
         result = self.apply(cmd)
         assert result.result.code == code, result.result
         assert result.result.message
-        if cmd.now_ms <= self.sm.now_ms:
+        if getattr(cmd, "now_ms", 0) <= now_before:
             # Time did not move, so a refusal must leave the state untouched.
             assert state_without_index(self.sm) == before
             assert result.events == () and result.wakeups == ()
