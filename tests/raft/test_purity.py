@@ -9,6 +9,24 @@ import chubbyfs.raft
 
 FORBIDDEN = {"trio", "os", "socket", "time", "random", "asyncio", "threading", "subprocess"}
 
+# The trio shell that drives the core lives beside it (ARCHITECTURE.md: "and
+# the trio node that drives the core"); every other module must be pure, so
+# a new file is checked by default.
+SHELL_MODULES = {"node.py", "tcp_transport.py"}
+CORE_MODULES = {
+    "__init__.py",
+    "confchange.py",
+    "core.py",
+    "log.py",
+    "memory_storage.py",
+    "progress.py",
+    "quorum.py",
+    "rawnode.py",
+    "read_index.py",
+    "storage.py",
+    "types.py",
+}
+
 
 def _imported_roots(path: pathlib.Path) -> set[str]:
     roots: set[str] = set()
@@ -22,8 +40,8 @@ def _imported_roots(path: pathlib.Path) -> set[str]:
 
 def test_raft_modules_import_nothing_impure() -> None:
     package_dir = pathlib.Path(chubbyfs.raft.__file__).parent
-    files = sorted(package_dir.glob("*.py"))
-    assert len(files) >= 10, files
+    files = sorted(p for p in package_dir.glob("*.py") if p.name not in SHELL_MODULES)
+    assert CORE_MODULES <= {p.name for p in files}
     for path in files:
         bad = _imported_roots(path) & FORBIDDEN
         assert not bad, f"{path.name} imports {sorted(bad)}"
