@@ -11,8 +11,9 @@ What is written where:
                              it overwrites a conflicting suffix)
 - set_hard_state(hs)      -> one HARD_STATE record
 - sync()                  -> one write + one fdatasync for all of the above
-- create_snapshot(...)    -> an atomic snapshot file (durable on return)
-- apply_snapshot(snap)    -> the snapshot file first, then a new segment that
+- create_snapshot(...)    -> sync, then an atomic snapshot file (durable on
+                             return)
+- apply_snapshot(snap)    -> sync, the snapshot file, then a new segment that
                              starts with the hard state and a SNAPSHOT record
                              (the log was replaced), then the older segments
                              are deleted (durable on return)
@@ -307,6 +308,9 @@ class DiskStorage:
         if index > self._hard_state.commit:
             raise ValueError(f"snapshot index {index} is beyond commit {self._hard_state.commit}")
         snap = Snapshot(SnapshotMeta(index=index, term=self.term(index), conf=conf), data)
+        # Records written before this call become durable before the
+        # snapshot file does, so recovery never sees them reordered.
+        self._wal.sync()
         self._snapshots.save(snap)
         self._snapshots_written += 1
         self._snapshot = snap
@@ -318,9 +322,10 @@ class DiskStorage:
             raise SnapshotOutOfDateError(
                 f"snapshot at {snap.meta.index} is not newer than the one at {self._snapshot.meta.index}"
             )
-        # Order matters: the snapshot file is durable before the WAL says the
-        # log was replaced, and the new segment is durable before the old
-        # segments (now meaningless) are deleted.
+        # Order matters: earlier records are durable before the snapshot file,
+        # the snapshot file before the WAL says the log was replaced, and the
+        # new segment before the old segments (now meaningless) are deleted.
+        self._wal.sync()
         self._snapshots.save(snap)
         self._snapshots_written += 1
         self._snapshot = snap
