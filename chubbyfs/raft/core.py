@@ -493,7 +493,7 @@ class Raft:
                 lease_tick=self.now_tick,
             )
         )
-        pr.sent_entries(ents[-1].index if ents else None)
+        pr.sent_entries(ents[-1].index if ents else None, self.now_tick)
         return True
 
     def _start_snapshot(self, to: int, pr: Progress) -> bool:
@@ -852,7 +852,14 @@ class Raft:
 
     def _handle_heartbeat_resp(self, m: Message, pr: Progress) -> None:
         pr.probe_sent = False
-        if pr.state == ProgressState.SNAPSHOT:
+        oldest = pr.inflights.oldest_send_tick()
+        if pr.state == ProgressState.REPLICATE and oldest is not None and oldest < m.lease_tick:
+            # Links are FIFO: an APPEND sent before this heartbeat and still
+            # unacknowledged was lost. Without this, a lost APPEND at the end
+            # of a burst (or with a full window) would never be resent.
+            pr.become_probe()
+            self.mark_append(m.frm, True)
+        elif pr.state == ProgressState.SNAPSHOT:
             assert pr.transfer is not None
             pr.transfer.chunk_sent = False  # the chunk or its answer was lost
             self.mark_append(m.frm, False)

@@ -26,28 +26,34 @@ class ProgressState(enum.IntEnum):
 
 
 class Inflights:
-    """Bounded FIFO of the last index of each APPEND not yet acknowledged."""
+    """Bounded FIFO of (last index, send tick) of each unacknowledged APPEND."""
 
-    __slots__ = ("capacity", "_last_indexes")
+    __slots__ = ("capacity", "_last_indexes", "_send_ticks")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"inflight capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self._last_indexes: deque[int] = deque()
+        self._send_ticks: deque[int] = deque()
 
-    def add(self, last_index: int) -> None:
+    def add(self, last_index: int, send_tick: int = 0) -> None:
         if self.full():
             raise OverflowError("inflight window is full")
         if self._last_indexes and last_index < self._last_indexes[-1]:
             raise ValueError("inflight indexes must not decrease")
         self._last_indexes.append(last_index)
+        self._send_ticks.append(send_tick)
 
     def free_le(self, index: int) -> None:
         """An ack up to `index` frees every message ending at or before it."""
         q = self._last_indexes
         while q and q[0] <= index:
             q.popleft()
+            self._send_ticks.popleft()
+
+    def oldest_send_tick(self) -> int | None:
+        return self._send_ticks[0] if self._send_ticks else None
 
     def full(self) -> bool:
         return len(self._last_indexes) >= self.capacity
@@ -57,6 +63,7 @@ class Inflights:
 
     def reset(self) -> None:
         self._last_indexes.clear()
+        self._send_ticks.clear()
 
 
 @dataclass(slots=True)
@@ -160,12 +167,12 @@ class Progress:
             return self.inflights.full()
         return True
 
-    def sent_entries(self, last_index: int | None) -> None:
+    def sent_entries(self, last_index: int | None, now_tick: int = 0) -> None:
         """Book an APPEND just sent; `last_index` None if it had no entries."""
         if self.state == ProgressState.REPLICATE:
             if last_index is not None:
                 self.next = last_index + 1
-                self.inflights.add(last_index)
+                self.inflights.add(last_index, now_tick)
         elif self.state == ProgressState.PROBE:
             self.probe_sent = True
 
