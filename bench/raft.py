@@ -60,6 +60,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all cores spent busy (not idle or iowait), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    # guest time is already counted in user/nice; only the first 8 fields count
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -163,6 +172,9 @@ class Point:
     server_cpu_us_per_write: float
     server_cpu_percent: float
     client_cpu_percent: float
+    # CPU that neither the servers nor our clients used: other load on the
+    # machine that competed with the measurement.
+    other_cpu_percent: float
     client_procs: int
     errors: int
 
@@ -202,9 +214,11 @@ def run_point(system: str, spec_base: dict, server_pids: list[int], clients: int
         time.sleep(max(0.0, t0 - time.monotonic()))
         server0 = sum(cpu_seconds(pid) for pid in server_pids)
         client0 = sum(cpu_seconds(p.pid) for p in workers)
+        busy0 = machine_busy_seconds()
         time.sleep(max(0.0, t1 - time.monotonic()))
         server1 = sum(cpu_seconds(pid) for pid in server_pids)
         client1 = sum(cpu_seconds(p.pid) for p in workers)
+        busy1 = machine_busy_seconds()
         latencies: list[float] = []
         errors = 0
         for p in workers:
@@ -225,6 +239,8 @@ def run_point(system: str, spec_base: dict, server_pids: list[int], clients: int
                  server_cpu_us_per_write=(server1 - server0) / writes * 1e6 if writes else float("nan"),
                  server_cpu_percent=(server1 - server0) / duration_s * 100,
                  client_cpu_percent=(client1 - client0) / duration_s * 100,
+                 other_cpu_percent=max(0.0, (busy1 - busy0) - (server1 - server0) - (client1 - client0))
+                 / duration_s * 100,
                  client_procs=procs, errors=errors)
 
 
@@ -289,7 +305,14 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str) -> dict
         async def leader_now() -> int:
             async with open_cell_connection(addresses, cell=cell.name) as conn:
                 return await cell.wait_for_leader(conn, timeout_s=60)
-        leader = trio.run(leader_now)
+        leader = 0
+        try:
+            leader = trio.run(leader_now)
+        except* trio.TooSlowError:
+            pass
+        if not leader:
+            tails = "\n".join(f"--- replica {rid} log (tail):\n{cell.log_text(rid)[-1500:]}" for rid in cell.addresses)
+            raise SystemExit(f"chubbyfs: no leader within 60 s\n{tails}") from None
         log(f"chubbyfs: 3 replicas up, leader {leader}")
         points = []
         spec = {"addresses": addresses, "cell": cell.name}
@@ -301,7 +324,7 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str) -> dict
                 profiles.append(finish_profiler(*profiler))
             log(f"chubbyfs {n:>3} clients: {point.writes_per_s:8.0f} writes/s  p50 {point.p50_ms:6.2f} ms  "
                 f"p99 {point.p99_ms:6.2f} ms  {point.server_cpu_us_per_write:6.0f} us cpu/write  "
-                f"clients {point.client_cpu_percent:.0f}% cpu")
+                f"clients {point.client_cpu_percent:.0f}% cpu, other load {point.other_cpu_percent:.0f}%")
             points.append(point)
 
         async def failovers() -> Failover:
@@ -371,7 +394,7 @@ def bench_etcd(args: argparse.Namespace, workdir: Path, run_id: str) -> dict:
             point = run_point("etcd", spec, pids, n, args.duration, args.clients_per_proc, run_id)
             log(f"etcd     {n:>3} clients: {point.writes_per_s:8.0f} writes/s  p50 {point.p50_ms:6.2f} ms  "
                 f"p99 {point.p99_ms:6.2f} ms  {point.server_cpu_us_per_write:6.0f} us cpu/write  "
-                f"clients {point.client_cpu_percent:.0f}% cpu")
+                f"clients {point.client_cpu_percent:.0f}% cpu, other load {point.other_cpu_percent:.0f}%")
             points.append(point)
 
         async def failovers() -> Failover:
@@ -503,13 +526,18 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
                  "client CPU per point: " + "; ".join(
                      f"{s} " + ", ".join(f"{p.clients}c {p.client_cpu_percent:.0f}% in {p.client_procs}p"
                                          for p in results[s]["points"]) for s in systems))
+    lines.append("other load (CPU used by neither the servers nor the clients, of "
+                 f"{os.cpu_count() * 100}%): " + "; ".join(
+                     f"{s} " + ", ".join(f"{p.clients}c {p.other_cpu_percent:.0f}%" for p in results[s]["points"])
+                     for s in systems))
     return "\n".join(lines)
 
 
 def to_json(results: dict, args: argparse.Namespace) -> dict:
     out: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+                    "load_average_at_end": os.getloadavg()},
         "duration_s": args.duration, "value_bytes": len(VALUE), "replicas": 3,
     }
     for s, r in results.items():
@@ -523,6 +551,17 @@ def to_json(results: dict, args: argparse.Namespace) -> dict:
         if r.get("profiles"):
             out[s]["profiles"] = r["profiles"]
     return out
+
+
+def _no_nan(value: Any) -> Any:
+    """JSON has no NaN: an undefined number (no writes, no trials) becomes null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -566,7 +605,7 @@ def main(argv: list[str]) -> int:
         if not args.skip_etcd:
             results["etcd"] = bench_etcd(args, workdir, run_id)
     if args.json:
-        print(json.dumps(to_json(results, args), indent=2))
+        print(json.dumps(_no_nan(to_json(results, args)), indent=2))
     else:
         print(format_table(results, args))
         for path in results.get("chubbyfs", {}).get("profiles", []):
