@@ -154,6 +154,9 @@ class DiskStorage:
             segment_start=self._segment_start,
         )
         self._replay(records)
+        # Segments a crash kept from being deleted (after compaction or an
+        # installed snapshot) go now.
+        self._remove_segments_below(meta.index + 1)
         self.recovery = StorageRecovery(report, loaded.name, loaded.broken, loaded.removed_temp_files)
         self.assert_invariants()
 
@@ -357,6 +360,12 @@ class DiskStorage:
             raise UnavailableError(f"compact {index} is beyond last {self.last_index()}")
         dummy = self._entries[index - 1 - offset]
         self._entries = [Entry(term=dummy.term, index=dummy.index)] + self._entries[index - offset :]
+        self._remove_segments_below(index)
+
+    def _remove_segments_below(self, index: int) -> None:
+        """Delete the oldest segments whose entries all lie below `index`
+        (covered by the snapshot). Never the current segment; the hard state
+        survives because every segment starts with a copy of it."""
         current = self._wal.current_segment().seq
         removable = -1
         for seg in self._wal.segments():
