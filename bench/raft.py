@@ -304,7 +304,12 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str) -> dict
     try:
         async def leader_now() -> int:
             async with open_cell_connection(addresses, cell=cell.name) as conn:
-                return await cell.wait_for_leader(conn, timeout_s=60)
+                with trio.move_on_after(60):
+                    while all(cell.running(rid) for rid in cell.addresses):
+                        with trio.move_on_after(0.5):
+                            return await cell.wait_for_leader(conn, timeout_s=1.0)
+            return 0  # a replica exited, or no leader within the minute
+
         leader = 0
         try:
             leader = trio.run(leader_now)
@@ -312,7 +317,7 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str) -> dict
             pass
         if not leader:
             tails = "\n".join(f"--- replica {rid} log (tail):\n{cell.log_text(rid)[-1500:]}" for rid in cell.addresses)
-            raise SystemExit(f"chubbyfs: no leader within 60 s\n{tails}") from None
+            raise SystemExit(f"chubbyfs: a replica exited or no leader within 60 s\n{tails}") from None
         log(f"chubbyfs: 3 replicas up, leader {leader}")
         points = []
         spec = {"addresses": addresses, "cell": cell.name}
