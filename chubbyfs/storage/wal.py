@@ -140,15 +140,21 @@ def encode_header(prev_crc: int, seq: int, first_index: int) -> bytes:
     return head + _HEADER_TAIL.pack(crc32c.crc32c(head), 0)
 
 
+_TYPE_BYTES = [bytes((t,)) for t in range(256)]
+_PADS = [bytes(n) for n in range(8)]
+_crc32c = crc32c.crc32c
+_pack_head = _RECORD_HEAD.pack
+
+
 def record_crc(record_type: int, payload: bytes, prev_crc: int) -> int:
-    return crc32c.crc32c(payload, crc32c.crc32c(bytes((record_type,)), prev_crc))
+    return _crc32c(payload, _crc32c(_TYPE_BYTES[record_type], prev_crc))
 
 
 def encode_record(record_type: int, payload: bytes, prev_crc: int) -> tuple[bytes, int]:
     """The framed record and its crc (the seed of the next record)."""
-    crc = record_crc(record_type, payload, prev_crc)
-    pad = _padded(RECORD_HEAD_BYTES + len(payload)) - RECORD_HEAD_BYTES - len(payload)
-    return b"".join((_RECORD_HEAD.pack(len(payload), crc, record_type), payload, bytes(pad))), crc
+    n = len(payload)
+    crc = _crc32c(payload, _crc32c(_TYPE_BYTES[record_type], prev_crc))
+    return _pack_head(n, crc, record_type) + payload + _PADS[-(RECORD_HEAD_BYTES + n) & 7], crc
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,8 +293,9 @@ class WriteAheadLog:
 
     def append(self, record_type: RecordType, payload: bytes) -> int:
         """Buffer one record; returns the seq of the segment it goes to."""
-        self._check_open()
-        framed_bytes = _padded(RECORD_HEAD_BYTES + len(payload))
+        if self._closed:
+            raise ValueError("the write-ahead log is closed")
+        framed_bytes = (RECORD_HEAD_BYTES + len(payload) + 7) & ~7
         if (
             self._size_bytes + framed_bytes > self.segment_bytes_max
             and self._size_bytes > self._segment_body_start
@@ -297,8 +304,8 @@ class WriteAheadLog:
             self.cut(first_index, preamble)
         frame, self._crc = encode_record(record_type, payload, self._crc)
         self._buffer.append(frame)
-        self._buffer_bytes += len(frame)
-        self._size_bytes += len(frame)
+        self._buffer_bytes += framed_bytes
+        self._size_bytes += framed_bytes
         self._records_appended += 1
         if self._buffer_bytes >= self.buffer_bytes_max:
             self.flush()
