@@ -151,6 +151,21 @@ def test_session_end_is_atomic() -> None:
     h.err(h.call(GetStat, a, held), ErrorCode.SESSION_EXPIRED)
 
 
+def test_session_end_never_grants_to_itself() -> None:
+    h = Harness()
+    a, b = h.session(), h.session()
+    h.open(b, p("l"), create=CreateMode.FILE)
+    holder = h.open(a, p("l"), lock_delay_ms=0).handle
+    own_waiter = h.open(a, p("l")).handle
+    other_waiter = h.open(b, p("l")).handle
+    h.ok(h.call(Acquire, a, holder, mode=X))
+    h.ok(h.call(Acquire, a, own_waiter, mode=X))
+    h.ok(h.call(Acquire, b, other_waiter, mode=X))
+    result = h.apply(EndSession(now_ms=h.now_ms, session_id=a))
+    assert [(w.handle_id, w.code) for w in result.wakeups] == [
+        (own_waiter.handle_id, ErrorCode.SESSION_EXPIRED), (other_waiter.handle_id, ErrorCode.OK)]
+
+
 def test_waiter_limit() -> None:
     h = Harness(limits={"max_waiters_per_lock": 1})
     sids = [h.session() for _ in range(3)]
