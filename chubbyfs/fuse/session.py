@@ -367,6 +367,8 @@ class FuseSession:
         unique = req.unique
         try:
             with scope:
+                # Interrupted before it started (see InflightTable.begin): don't run it.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 msg = encode_reply(unique, await self._call(method, req))
             if scope.cancelled_caught:
                 msg = encode_error(unique, errno.EINTR)
