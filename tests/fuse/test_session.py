@@ -153,7 +153,7 @@ async def test_init_then_requests_and_errors() -> None:
         batch = struct.pack("<II", 2, 0) + struct.pack("<QQQQ", 3, 1, 4, 2)
         await kernel.send(request(42, batch, unique=24, nodeid=0))
         await kernel.expect_silence()
-        assert ops.forgotten == [(2, 1), (3, 1), (4, 2)]
+        assert sorted(ops.forgotten) == [(2, 1), (3, 1), (4, 2)]  # one task each: any order
         stats = session.statistics()
         assert stats.decode_errors == 4 and stats.handler_crashes == 2
         assert stats.in_flight == 0 and stats.replies == 10  # INIT + 9 answers
