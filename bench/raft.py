@@ -60,6 +60,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """Time the process's threads spent runnable but waiting for a CPU
+    (/proc/<pid>/task/*/schedstat, second field): how much other load on the
+    machine delayed it."""
+    total_ns = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total_ns += int(f.read().split()[1])
+        except (FileNotFoundError, IndexError, ValueError):
+            continue  # the thread ended, or no schedstats in this kernel
+    return total_ns / 1e9
+
+
 def machine_busy_seconds() -> float:
     """CPU time all cores spent busy (not idle or iowait), from /proc/stat."""
     with open("/proc/stat") as f:
@@ -175,6 +193,8 @@ class Point:
     # CPU that neither the servers nor our clients used: other load on the
     # machine that competed with the measurement.
     other_cpu_percent: float
+    # Time the servers' threads were runnable but waiting for a CPU, per write.
+    server_runq_wait_us_per_write: float
     client_procs: int
     errors: int
 
@@ -215,10 +235,12 @@ def run_point(system: str, spec_base: dict, server_pids: list[int], clients: int
         server0 = sum(cpu_seconds(pid) for pid in server_pids)
         client0 = sum(cpu_seconds(p.pid) for p in workers)
         busy0 = machine_busy_seconds()
+        wait0 = sum(runqueue_wait_seconds(pid) for pid in server_pids)
         time.sleep(max(0.0, t1 - time.monotonic()))
         server1 = sum(cpu_seconds(pid) for pid in server_pids)
         client1 = sum(cpu_seconds(p.pid) for p in workers)
         busy1 = machine_busy_seconds()
+        wait1 = sum(runqueue_wait_seconds(pid) for pid in server_pids)
         latencies: list[float] = []
         errors = 0
         for p in workers:
@@ -241,6 +263,7 @@ def run_point(system: str, spec_base: dict, server_pids: list[int], clients: int
                  client_cpu_percent=(client1 - client0) / duration_s * 100,
                  other_cpu_percent=max(0.0, (busy1 - busy0) - (server1 - server0) - (client1 - client0))
                  / duration_s * 100,
+                 server_runq_wait_us_per_write=(wait1 - wait0) / writes * 1e6 if writes else float("nan"),
                  client_procs=procs, errors=errors)
 
 
@@ -316,7 +339,7 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str) -> dict
         except* trio.TooSlowError:
             pass
         if not leader:
-            tails = "\n".join(f"--- replica {rid} log (tail):\n{cell.log_text(rid)[-1500:]}" for rid in cell.addresses)
+            tails = "\n".join(f"--- replica {rid} log (tail):\n{cell.log_text(rid)[-4000:]}" for rid in cell.addresses)
             raise SystemExit(f"chubbyfs: a replica exited or no leader within 60 s\n{tails}") from None
         log(f"chubbyfs: 3 replicas up, leader {leader}")
         points = []
@@ -329,7 +352,8 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str) -> dict
                 profiles.append(finish_profiler(*profiler))
             log(f"chubbyfs {n:>3} clients: {point.writes_per_s:8.0f} writes/s  p50 {point.p50_ms:6.2f} ms  "
                 f"p99 {point.p99_ms:6.2f} ms  {point.server_cpu_us_per_write:6.0f} us cpu/write  "
-                f"clients {point.client_cpu_percent:.0f}% cpu, other load {point.other_cpu_percent:.0f}%")
+                f"clients {point.client_cpu_percent:.0f}% cpu, other load {point.other_cpu_percent:.0f}%, "
+                f"run-queue wait {point.server_runq_wait_us_per_write:.0f} us/write")
             points.append(point)
 
         async def failovers() -> Failover:
@@ -399,7 +423,8 @@ def bench_etcd(args: argparse.Namespace, workdir: Path, run_id: str) -> dict:
             point = run_point("etcd", spec, pids, n, args.duration, args.clients_per_proc, run_id)
             log(f"etcd     {n:>3} clients: {point.writes_per_s:8.0f} writes/s  p50 {point.p50_ms:6.2f} ms  "
                 f"p99 {point.p99_ms:6.2f} ms  {point.server_cpu_us_per_write:6.0f} us cpu/write  "
-                f"clients {point.client_cpu_percent:.0f}% cpu, other load {point.other_cpu_percent:.0f}%")
+                f"clients {point.client_cpu_percent:.0f}% cpu, other load {point.other_cpu_percent:.0f}%, "
+                f"run-queue wait {point.server_runq_wait_us_per_write:.0f} us/write")
             points.append(point)
 
         async def failovers() -> Failover:
@@ -503,7 +528,7 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
         lines[0] += f", etcd {results['etcd']['version']}"
     head = f"{'clients':>7}"
     for s in systems:
-        head += f" | {s + ' writes/s':>18} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/w':>8}"
+        head += f" | {s + ' writes/s':>18} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/w':>8} {'wait us/w':>9}"
     if len(systems) == 2:
         head += f" | {'ratio':>5}"
     lines += [head, "-" * len(head)]
@@ -512,7 +537,7 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
         for s in systems:
             p = results[s]["points"][i]
             row += (f" | {p.writes_per_s:>18.0f} {p.p50_ms:>7.2f} {p.p99_ms:>7.2f} "
-                    f"{p.server_cpu_us_per_write:>8.0f}")
+                    f"{p.server_cpu_us_per_write:>8.0f} {p.server_runq_wait_us_per_write:>9.0f}")
         if len(systems) == 2:
             a, b = (results[s]["points"][i].writes_per_s for s in systems)
             row += f" | {a / b if b else float('nan'):>5.2f}"
@@ -527,7 +552,9 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
             elected = ", ".join(f"{t:.2f}" for t in fo.elected_s)
             lines.append(f"  {s:<9} median {fo.median_s:.2f} s   trials [{trials}] s   elected [{elected}] s")
     lines.append("")
-    lines.append("cpu us/w: the 3 replicas' CPU time (utime+stime) over the interval / writes. "
+    lines.append("cpu us/w: the 3 replicas' CPU time (utime+stime) over the interval / writes; wait us/w: "
+                 "time their threads were runnable but waiting for a CPU / writes.")
+    lines.append("ratio: chubbyfs writes/s / etcd writes/s. "
                  "client CPU per point: " + "; ".join(
                      f"{s} " + ", ".join(f"{p.clients}c {p.client_cpu_percent:.0f}% in {p.client_procs}p"
                                          for p in results[s]["points"]) for s in systems))
