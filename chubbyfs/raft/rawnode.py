@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .core import Config, Raft
+from .core import Config, NotLeaderError, ProposalDroppedError, Raft
 from .progress import ProgressState
 from .storage import Storage
 from .types import ConfChange, ConfState, Message, MessageType, Ready, Role
+
+__all__ = ["Config", "NotLeaderError", "PeerProgress", "ProposalDroppedError", "RawNode", "Status"]
 
 _LOCAL_ONLY = (MessageType.HUP, MessageType.BEAT)
 
