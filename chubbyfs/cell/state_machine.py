@@ -926,17 +926,20 @@ class CellStateMachine:
         return msgpack.packb(state, use_bin_type=True)
 
     def restore(self, data: bytes) -> None:
-        """Replace the whole state with a snapshot's."""
+        """Replace the whole state with a snapshot's. On SnapshotError the
+        current state is left as it was."""
+        fresh = CellStateMachine()
         try:
             state = msgpack.unpackb(data, raw=False, strict_map_key=False)
             if not isinstance(state, list) or len(state) != 15 or state[0] != SNAPSHOT_VERSION:
                 raise SnapshotError("not a cell snapshot of a known version")
-            self._restore_fields(state)
+            fresh._restore_fields(state)
+            fresh.assert_invariants()
         except SnapshotError:
             raise
-        except Exception as exc:  # malformed content of any shape
-            raise SnapshotError(f"malformed cell snapshot: {type(exc).__name__}: {exc}") from None
-        self.assert_invariants()
+        except Exception as exc:  # malformed or inconsistent content of any shape
+            raise SnapshotError(f"bad cell snapshot: {type(exc).__name__}: {exc}") from None
+        self.__dict__.update(fresh.__dict__)
 
     def _restore_fields(self, state: list) -> None:
         (_, applied_index, cell, secret, admins, limits, now_ms, next_instance,
