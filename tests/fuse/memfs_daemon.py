@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 import trio
@@ -28,12 +29,18 @@ from .memfs import MemFS
 
 
 async def _commands(fs: MemFS, session: FuseSession) -> None:
-    stdin = trio.wrap_file(sys.stdin)
+    # An FdStream, not trio.wrap_file: a thread blocked in readline() would
+    # keep SIGTERM from ending the daemon.
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    pending = b""
     while True:
-        line = await stdin.readline()
-        if not line:
-            return
-        cmd, _, rest = line.strip().partition(" ")
+        while b"\n" not in pending:
+            chunk = await stdin.receive_some(4096)
+            if not chunk:
+                return
+            pending += chunk
+        raw, _, pending = pending.partition(b"\n")
+        cmd, _, rest = raw.decode().strip().partition(" ")
         try:
             if cmd == "set":
                 path, _, text = rest.partition(" ")
