@@ -1,7 +1,7 @@
 """Serve MemFS on a mountpoint in its own process, for the mount tests.
 
     python -m tests.fuse.memfs_daemon MOUNTPOINT [--ttl-s N] [--keep-cache]
-        [--method auto|direct|fusermount]
+        [--method auto|direct|fusermount] [--unmount-timeout-s S]
 
 Prints "READY <flags>" once INIT is answered. Reads commands on stdin, one a
 line, and answers one line each:
@@ -73,9 +73,11 @@ async def main(argv: list[str]) -> None:
     parser.add_argument("--ttl-s", type=float, default=1.0)
     parser.add_argument("--keep-cache", action="store_true")
     parser.add_argument("--method", default="auto")
+    parser.add_argument("--unmount-timeout-s", type=float, default=5.0)
     args = parser.parse_args(argv)
     fs = MemFS(ttl_ns=int(args.ttl_s * 1e9), keep_cache=args.keep_cache)
-    options = MountOptions(fsname="memfs", subtype="memfs", method=args.method)
+    options = MountOptions(fsname="memfs", subtype="memfs", method=args.method,
+                           unmount_timeout_s=args.unmount_timeout_s)
     async with mount_fs(args.mountpoint, fs, options) as session:
         fs.session = session
         negotiated = await session.wait_initialized()

@@ -252,3 +252,18 @@ async def test_fusermount3_mount_path(tmp_path: pathlib.Path) -> None:
             await d.proc.wait()
         assert d.proc.returncode == 0
         assert not is_mounted(d.mnt)
+
+
+async def test_busy_mount_is_detached_on_sigterm(tmp_path: pathlib.Path) -> None:
+    async with memfs(tmp_path, "--unmount-timeout-s", "0.5") as d:
+        (d.mnt / "sub").mkdir()
+        squatter = await trio.lowlevel.open_process(["sleep", "30"], cwd=d.mnt / "sub")
+        try:
+            d.proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(5):
+                await d.proc.wait()
+            assert d.proc.returncode == 0
+            assert not is_mounted(d.mnt)  # detached although busy
+        finally:
+            squatter.kill()
+            await squatter.wait()
