@@ -132,6 +132,7 @@ class FuseSession:
         self._notify_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._detached = False
+        self._serving = False
         self._failure: FuseProtocolError | None = None
         self._counts = dict.fromkeys(
             ("requests", "replies", "error_replies", "decode_errors", "handler_crashes",
@@ -185,6 +186,9 @@ class FuseSession:
 
         Raises `FuseProtocolError` if INIT cannot be agreed.
         """
+        if self._serving or self._closed.is_set():
+            raise RuntimeError("a FuseSession serves its connection once")
+        self._serving = True
         os.set_blocking(self._fd, False)
         try:
             async with trio.open_nursery() as nursery:

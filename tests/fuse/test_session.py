@@ -279,6 +279,8 @@ async def test_eof_ends_serve_and_cancels_running_requests() -> None:
             with trio.fail_after(2):
                 await session.wait_closed()
         assert ops.lock_waits_cancelled == 1
+        with pytest.raises(RuntimeError, match="once"):
+            await session.serve()
 
 
 def test_effective_want_follows_what_ops_implement() -> None:
