@@ -43,6 +43,7 @@ class CellConfig:
     election_ms: int = 300
     heartbeat_ms: int = 30
     snapshot_every: int = 10_000
+    snapshot_keep_entries: int = 1_000  # kept behind a snapshot so slow followers avoid a full transfer
 
     def replica(self, replica_id: int) -> ReplicaConfig:
         for r in self.replicas:
@@ -92,7 +93,7 @@ def load_cell_config(path: str | Path) -> CellConfig:
         replicas.append(ReplicaConfig(rid, address, data_dir))
     if not replicas:
         raise ConfigError(f"{path}: no [[replica]] entries")
-    kwargs = {k: int(cell[k]) for k in ("tick_ms", "election_ms", "heartbeat_ms", "snapshot_every") if k in cell}
+    kwargs = {k: int(cell[k]) for k in ("tick_ms", "election_ms", "heartbeat_ms", "snapshot_every", "snapshot_keep_entries") if k in cell}
     cfg = CellConfig(name=name, replicas=tuple(replicas), **kwargs)
     if cfg.heartbeat_ms * 3 > cfg.election_ms:
         raise ConfigError(f"{path}: heartbeat_ms must be at most a third of election_ms")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ class Replica:
             rng=random.Random(),
             tick_seconds=cell.tick_ms / 1000,
             snapshot_every=cell.snapshot_every,
+            snapshot_keep_entries=cell.snapshot_keep_entries,
         )
         self.transport.deliver = self.node.deliver
         self.transport.on_unreachable = self.node.raw.report_unreachable
@@ -69,7 +71,7 @@ class Replica:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.node.run)
             nursery.start_soon(self.transport.run)
-            listeners = await nursery.start(trio.serve_tcp, self._handle_connection, port, host)
+            listeners = await nursery.start(partial(trio.serve_tcp, self._handle_connection, port, host=host))
             self.listen_port = listeners[0].socket.getsockname()[1]
             log.info("replica %d of cell %s serving on %s:%d", self.me.id, self.cell.name, host, self.listen_port)
             task_status.started(self.listen_port)

@@ -864,7 +864,10 @@ class Raft:
             pr.transfer.chunk_sent = False  # the chunk or its answer was lost
             self.mark_append(m.frm, False)
         elif pr.match < self.log.last_index():
-            self.mark_append(m.frm, False)
+            # A follower behind us gets an APPEND even when it would carry no
+            # entries: in probe state that empty APPEND is the probe whose
+            # rejection walks `next` back (the first one may have been lost).
+            self.mark_append(m.frm, True)
         if m.context:
             acks = self.read_only.recv_ack(m.frm, m.context)
             if acks is not None and quorum.has_quorum(self.conf.voters, acks):

@@ -136,8 +136,9 @@ class RaftNode:
         self.raw = RawNode(config, storage, rng)
         self.role = Role.FOLLOWER
         self.leader = 0
-        self.term = 0
-        self.commit = 0
+        initial = self.raw.status()
+        self.term = initial.term
+        self.commit = initial.commit
         self._inbound_send, self._inbound_recv = trio.open_memory_channel[Message](inbound_capacity)
         self._wakeup = trio.Event()
         self._proposals: dict[int, _Waiter] = {}
@@ -217,6 +218,7 @@ class RaftNode:
             await self._applied_changed.wait()
 
     def status(self) -> dict:
+        raw = self.raw.status()
         return {
             "id": self.id,
             "role": self.role.name.lower(),
@@ -229,6 +231,9 @@ class RaftNode:
             "voters": list(self._applied_conf.voters),
             "snapshot_index": self._last_snapshot_index,
             "snapshots_restored": self.snapshots_restored,
+            # The leader's view of each follower: how far behind it is.
+            "progress": {str(pid): {"match": p.match, "next": p.next, "state": p.state.name.lower()}
+                         for pid, p in raw.progress.items()},
         }
 
     # ---- the loop ------------------------------------------------------------------

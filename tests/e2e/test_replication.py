@@ -92,7 +92,7 @@ def _newest_wal_file(data_dir):
     return max(files, key=lambda p: (os.path.getmtime(p), p))
 
 
-@pytest.mark.parametrize("damage", ["garbage", "zeros", "cut"])
+@pytest.mark.parametrize("damage", ["partial-record", "garbage", "zeros"])
 async def test_replica_recovers_from_torn_last_write(make_cell, damage):
     cell = make_cell(3)
     cell.start_all()
@@ -104,15 +104,17 @@ async def test_replica_recovers_from_torn_last_write(make_cell, damage):
         cell.kill(victim)
         wal = _newest_wal_file(cell.data_dir(victim))
         size = os.path.getsize(wal)
+        # A crash mid-write leaves bytes after the last synced record that
+        # were never acknowledged (losing an *acknowledged* record is outside
+        # Raft's failure model: that replica must be wiped and re-added).
         with open(wal, "r+b") as f:
-            if damage == "garbage":  # a half-written record after the last good one
-                f.seek(size)
-                f.write(b"\x00\x00\x01\x00" + os.urandom(200))
-            elif damage == "zeros":
-                f.seek(size)
-                f.write(b"\x00" * 512)
-            else:  # the last record itself torn off mid-way
-                f.truncate(size - 37)
+            f.seek(size)
+            if damage == "partial-record":  # a header whose body never made it
+                f.write((4000).to_bytes(4, "little") + os.urandom(4) + b"\x01" + os.urandom(300))
+            elif damage == "garbage":
+                f.write(os.urandom(512))
+            else:  # preallocated or zeroed sectors
+                f.write(b"\x00" * 4096)
         for i in range(100, 150):
             await conn.call("put", key=f"k{i}", value=b"y" * 100)
         cell.start(victim)
@@ -152,7 +154,7 @@ async def test_corrupt_middle_of_log_refuses_to_start(make_cell):
 
 
 async def test_wiped_replica_rejoins_and_catches_up_by_snapshot(make_cell):
-    cell = make_cell(3, snapshot_every=50)
+    cell = make_cell(3, snapshot_every=50, snapshot_keep_entries=10)
     cell.start_all()
     async with open_cell_connection(list(cell.addresses.values()), cell=cell.name) as conn:
         leader = await cell.wait_for_leader(conn)
