@@ -263,8 +263,8 @@ class CellStateMachine:
             session = self.sessions.get(sid)
             if session is not None and session.lease_end_ms == lease_end:
                 expired.append(sid)
-        for sid in expired:  # heap order: (lease_end_ms, session_id)
-            self._end_session(sid, fx)
+        if expired:  # heap order: (lease_end_ms, session_id)
+            self._end_sessions(expired, fx)
         while self._delay_heap and self._delay_heap[0][0] <= now:
             until, instance = heapq.heappop(self._delay_heap)
             node = self.nodes.get(instance)
@@ -353,22 +353,24 @@ class CellStateMachine:
 
     def _end_session_cmd(self, cmd: EndSession, fx: _Effects) -> Result:
         self._require_session(cmd.session_id, fx)
-        self._end_session(cmd.session_id, fx)
+        self._end_sessions([cmd.session_id], fx)
         return Result(ErrorCode.OK)
 
-    def _end_session(self, sid: int, fx: _Effects) -> None:
-        """Close every handle of the session, release its locks with their
-        lock-delay, drop its queued Acquires and delete the ephemeral nodes no
-        one else has open: all within this one apply."""
-        session = self.sessions[sid]
+    def _end_sessions(self, sids: list[int], fx: _Effects) -> None:
+        """Close every handle of the sessions, release their locks with their
+        lock-delay, drop their queued Acquires and delete the ephemeral nodes
+        no one else has open: all within this one apply."""
         touched: dict[int, Node] = {}
-        for handle_id in sorted(session.handle_ids):
-            node = self._close_handle(self.handles[handle_id], fx, session_ending=True)
-            if node is not None:
-                touched[node.instance] = node
-        del self.sessions[sid]
-        fx.ended_sessions.append(sid)
-        # Grants only after every handle is gone, so none goes to this session.
+        for sid in sids:
+            session = self.sessions[sid]
+            for handle_id in sorted(session.handle_ids):
+                node = self._close_handle(self.handles[handle_id], fx, session_ending=True)
+                if node is not None:
+                    touched[node.instance] = node
+            del self.sessions[sid]
+            fx.ended_sessions.append(sid)
+        # Grants only once every ending session is gone, so none goes to a
+        # session that ends in this same apply.
         for instance in sorted(touched):
             node = self.nodes.get(instance)
             if node is not None:

@@ -79,6 +79,7 @@ class CellModel(RuleBasedStateMachine):
         self.ended: list[int] = []
         self.handles: dict[int, MHandle] = {}
         self.all_refs: list[MHandle] = []
+        self.instance_of: dict[int, int] = {}  # handle id -> node instance, never forgotten
         self.nodes: dict[str, MNode] = {}
         self.locks: dict[int, MLock] = {}
         self.path_delays: dict[str, int] = {}
@@ -98,8 +99,10 @@ class CellModel(RuleBasedStateMachine):
     def advance(self, now: int) -> None:
         self.now = max(self.now, now)
         self.wakeups, self.ended_now = [], []
-        for lease_end, sid in sorted((e, s) for s, e in self.sessions.items() if e <= self.now):
-            self.end_session(sid)
+        expired = [sid for _, sid in sorted((e, s) for s, e in self.sessions.items()
+                                            if e <= self.now)]
+        if expired:
+            self.end_sessions(expired)
         due = sorted((lock.delay_until_ms, inst) for inst, lock in self.locks.items()
                      if lock.delay_until_ms and lock.delay_until_ms <= self.now)
         for _, inst in due:
@@ -111,15 +114,16 @@ class CellModel(RuleBasedStateMachine):
     def node_of(self, inst: int) -> MNode | None:
         return next((n for n in self.nodes.values() if n.instance == inst), None)
 
-    def end_session(self, sid: int) -> None:
+    def end_sessions(self, sids: list[int]) -> None:
         touched = set()
-        for hid in sorted(h for h, mh in self.handles.items() if mh.sid == sid):
-            inst = self.close_handle(hid, ending=True)
-            if inst is not None:
-                touched.add(inst)
-        del self.sessions[sid]
-        self.ended.append(sid)
-        self.ended_now.append(sid)
+        for sid in sids:
+            for hid in sorted(h for h, mh in self.handles.items() if mh.sid == sid):
+                inst = self.close_handle(hid, ending=True)
+                if inst is not None:
+                    touched.add(inst)
+            del self.sessions[sid]
+            self.ended.append(sid)
+            self.ended_now.append(sid)
         for inst in sorted(touched):
             if self.node_of(inst) is not None:
                 self.regrant(inst)
@@ -198,7 +202,7 @@ class CellModel(RuleBasedStateMachine):
         assert result.ended_sessions == tuple(sorted(self.ended_now))
         for wakeup in result.wakeups:
             if wakeup.code == ErrorCode.OK:
-                self.check_grant(self.handles[wakeup.handle_id].instance, wakeup.lock_generation,
+                self.check_grant(self.instance_of[wakeup.handle_id], wakeup.lock_generation,
                                  wakeup.sequencer)
         return result.result
 
@@ -275,7 +279,7 @@ class CellModel(RuleBasedStateMachine):
             return
         self.advance(self.now)
         if sid in self.sessions:
-            self.end_session(sid)
+            self.end_sessions([sid])
             self.apply(EndSession(now_ms=self.now, session_id=sid), ErrorCode.OK)
         else:
             self.apply(EndSession(now_ms=self.now, session_id=sid), ErrorCode.SESSION_EXPIRED)
@@ -325,6 +329,7 @@ class CellModel(RuleBasedStateMachine):
         mh = MHandle(sid, result.value.handle, node.instance, delay_ms)
         self.handles[mh.ref.handle_id] = mh
         self.all_refs.append(mh)
+        self.instance_of[mh.ref.handle_id] = mh.instance
 
     @rule(which=HANDLE_PICK)
     def close(self, which: int) -> None:
