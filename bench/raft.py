@@ -1,7 +1,8 @@
 """Benchmark of the replicated log: chubbyfs beside etcd, same workload, same run.
 
     .venv/bin/python bench/raft.py [--duration 10] [--clients 1,8,64] [--trials 5]
-                                   [--skip-etcd] [--skip-chubbyfs] [--json]
+                                   [--skip-etcd] [--skip-chubbyfs] [--json [FILE]]
+                                   [--clients-per-proc 16] [--py-spy DIR]
 
 For each system, a 3-replica cell on 127.0.0.1 with fsync on (both systems'
 defaults): N concurrent clients each doing sequential puts of a 100-byte value
@@ -603,7 +604,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--trials", type=int, default=5, help="failover trials per system (default 5; 0 skips)")
     ap.add_argument("--skip-etcd", action="store_true", help="benchmark chubbyfs only")
     ap.add_argument("--skip-chubbyfs", action="store_true", help="benchmark etcd only")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    ap.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                    help="print the results as JSON instead of the table; with FILE, write the JSON there "
+                    "and print the table as well")
     ap.add_argument("--clients-per-proc", type=int, default=16,
                     help="at most this many clients per worker process (default 16)")
     ap.add_argument("--py-spy", metavar="DIR", help="record the chubbyfs leader with py-spy into DIR "
@@ -637,13 +640,16 @@ def main(argv: list[str]) -> int:
         if not args.skip_etcd:
             results["etcd"] = bench_etcd(args, workdir, run_id)
     if args.json:
-        print(json.dumps(_no_nan(to_json(results, args)), indent=2))
-    else:
-        print(format_table(results, args))
-        for path in results.get("chubbyfs", {}).get("profiles", []):
-            print(f"\npy-spy {path}: top functions by self time (self %, inclusive %)")
-            for fn, self_pct, incl_pct in top_functions(Path(path)):
-                print(f"  {self_pct:5.1f} {incl_pct:5.1f}  {fn}")
+        text = json.dumps(_no_nan(to_json(results, args)), indent=2)
+        if args.json == "-":
+            print(text)
+            return 0
+        Path(args.json).write_text(text + "\n")
+    print(format_table(results, args))
+    for path in results.get("chubbyfs", {}).get("profiles", []):
+        print(f"\npy-spy {path}: top functions by self time (self %, inclusive %)")
+        for fn, self_pct, incl_pct in top_functions(Path(path)):
+            print(f"  {self_pct:5.1f} {incl_pct:5.1f}  {fn}")
     return 0
 
 
