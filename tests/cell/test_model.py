@@ -487,6 +487,6 @@ class CellModel(RuleBasedStateMachine):
 
 
 CellModel.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=50, deadline=None,
+    max_examples=120, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestCellModel = CellModel.TestCase
