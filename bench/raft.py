@@ -482,14 +482,16 @@ async def wait_etcd_member_caught_up(cluster: Any, member: int, timeout_s: float
 # ---- profiling (investigation only) ---------------------------------------------------------
 
 def start_profiler(args: argparse.Namespace, pid: int, workdir: Path, name: str) -> tuple | None:
-    """With --py-spy, sample the leader replica during one point (py-spy must be installed)."""
+    """With --py-spy, sample the leader replica during one point while it holds the GIL
+    (Python CPU time; waits in epoll and fdatasync release the GIL and are left out).
+    py-spy must be on PATH."""
     if not args.py_spy:
         return None
     out_dir = Path(args.py_spy)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}.txt"
     cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(int(args.duration) + 1),
-           "--rate", "250", "--format", "raw", "--nonblocking", "--output", str(out)]
+           "--rate", "250", "--format", "raw", "--nonblocking", "--gil", "--output", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, out
 
