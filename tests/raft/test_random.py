@@ -148,3 +148,11 @@ def heal_and_converge(net: Network) -> None:
 def test_random_schedules_are_safe_and_converge(seed: int) -> None:
     net = run_random(seed, steps=1500)
     heal_and_converge(net)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(1000, 1300))
+def test_random_schedules_long_sweep(seed: int) -> None:
+    """Not in the default suite (`-m slow`): longer schedules, more seeds."""
+    net = run_random(seed, steps=3000, check_every=5)
+    heal_and_converge(net)
