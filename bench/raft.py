@@ -245,7 +245,10 @@ def run_point(system: str, spec_base: dict, server_pids: list[int], clients: int
         latencies: list[float] = []
         errors = 0
         for p in workers:
-            out = json.loads(p.stdout.readline())
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a {system} client worker exited without results (its error is above)")
+            out = json.loads(line)
             latencies += out["latencies_s"]
             errors += out["errors"]
             p.wait(timeout=30)
