@@ -560,8 +560,8 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
     lines.append("")
     lines.append("cpu us/w: the 3 replicas' CPU time (utime+stime) over the interval / writes; wait us/w: "
                  "time their threads were runnable but waiting for a CPU / writes.")
-    lines.append("ratio: chubbyfs writes/s / etcd writes/s. "
-                 "client CPU per point: " + "; ".join(
+    lines.append(("ratio: chubbyfs writes/s / etcd writes/s. " if len(systems) == 2 else "")
+                 + "client CPU per point: " + "; ".join(
                      f"{s} " + ", ".join(f"{p.clients}c {p.client_cpu_percent:.0f}% in {p.client_procs}p"
                                          for p in results[s]["points"]) for s in systems))
     lines.append("other load (CPU used by neither the servers nor the clients, of "
