@@ -26,9 +26,11 @@ import trio
 
 from ..cell import kv
 from ..raft.node import NodeStoppedError, NotLeaderError, ProposalLostError, RaftNode, bootstrap_storage
-from ..raft.rawnode import Config
+from ..raft import Config, ProposalDroppedError
 from ..raft.types import Message, Role
 from ..storage.raft_storage import DiskStorage
+from ..storage.snapshot import SnapshotFormatError
+from ..storage.wal import WalCorruptionError
 from .checkers.durability import AckedWrite, ReplicaView, check_durability
 from .checkers.raft_invariants import RaftInvariantChecker
 from .checkers.wgl import CheckResult, RegisterModel, check_operations
@@ -53,12 +55,20 @@ class SimConfig:
     snapshot_every: int = 50
     snapshot_keep_entries: int = 10
     inbound_capacity: int = 512
+    # Bytes of entries per APPEND; a tiny value makes a lagging follower
+    # catch up one entry per message (BUGGIFY-style: legal but rare timing).
+    max_size_per_msg: int = 1 << 20
     network: NetworkConfig = field(default_factory=NetworkConfig)
     request_timeout_seconds: float = 0.6
     client_think_seconds: float = 0.02  # mean pause between a client's ops
     lying_fsync: bool = False  # negative control: SimFS acknowledges fsync without persisting
     unsafe_commit_previous_term: bool = False  # negative control: Raft commits old-term entries by counting
     liveness_seconds: float = 6.0  # bound for recovery after the final heal
+    # Livelock guard: a run is stopped (and fails) when it delivers more than
+    # this many messages in all, or more than storm_messages_per_second for
+    # half a virtual second in a row. It also bounds a bad seed's wall time.
+    max_messages_total: int = 100_000
+    storm_messages_per_second: int = 5_000
     wgl_max_steps: int = 2_000_000
 
     def __post_init__(self) -> None:
@@ -80,7 +90,7 @@ class SimNode:
     def __init__(self, cluster: SimCluster, node_id: int) -> None:
         self.cluster = cluster
         self.id = node_id
-        self.fs = SimFS(**({"lying_fsync": True} if cluster.config.lying_fsync else {}))
+        self.fs = SimFS()
         self.raft: RaftNode | None = None
         self.incarnation = -1
         self._scope: trio.CancelScope | None = None
@@ -97,8 +107,19 @@ class SimNode:
         if bootstrap_voters is not None:
             storage = DiskStorage(self.fs, DATA_DIRECTORY)
             bootstrap_storage(storage, bootstrap_voters)
+            # The negative control lies only after the founding state is
+            # down, so a crash rolls back to a bootstrapped replica rather
+            # than to an empty disk.
+            self.fs.lying_fsync = cfg.lying_fsync
         else:
-            storage = DiskStorage.open(self.fs, DATA_DIRECTORY)
+            try:
+                storage = DiskStorage.open(self.fs, DATA_DIRECTORY)
+            except (WalCorruptionError, SnapshotFormatError) as exc:
+                # Refusing to start on a damaged log is the designed outcome
+                # for corruption; with an honest disk it is a bug.
+                cluster.violations.append(f"node {self.id} refused to start: {exc}")
+                cluster.log(f"n{self.id} refused to start: {exc}")
+                return
         self.incarnation += 1
         incarnation = self.incarnation
         cluster.checker.on_start(self.id, incarnation, storage)
@@ -106,6 +127,7 @@ class SimNode:
             id=self.id,
             election_tick=cfg.election_ticks,
             heartbeat_tick=cfg.heartbeat_ticks,
+            max_size_per_msg=cfg.max_size_per_msg,
             unsafe_commit_previous_term=cfg.unsafe_commit_previous_term,
         )
         node = RaftNode(
@@ -124,13 +146,22 @@ class SimNode:
         self.paused = False
         self._scope = trio.CancelScope()
         cluster.network.attach(self.id, node.deliver)
-        cluster._nursery.start_soon(self._run, node, self._scope)
+        cluster._nursery.start_soon(self._run, node, self._scope, incarnation)
         cluster.log(f"n{self.id} start incarnation={incarnation} last_index={storage.last_index()}")
 
-    @staticmethod
-    async def _run(node: RaftNode, scope: trio.CancelScope) -> None:
+    async def _run(self, node: RaftNode, scope: trio.CancelScope, incarnation: int) -> None:
         with scope:
-            await node.run()
+            try:
+                await node.run()
+            except Exception as exc:  # noqa: BLE001 - a replica that dies is a finding, not a harness crash
+                self.cluster.violations.append(f"node {self.id} died: {type(exc).__name__}: {exc}")
+                self.cluster.log(f"n{self.id} died: {type(exc).__name__}: {exc}")
+                if self.incarnation == incarnation and self.raft is node:
+                    # Like a process crash, minus the disk damage: the
+                    # liveness phase restarts it from its disk.
+                    self.cluster.network.detach(self.id)
+                    self.raft = None
+                    self.paused = False
 
     def crash(self) -> None:
         """Power loss: the process dies now and the disk keeps only what its
@@ -197,6 +228,27 @@ class SimClient:
 
     async def get(self, key: str) -> tuple[str, bytes | None]:
         """Returns ("ok", value) or ("fail", None)."""
+        try:
+            return await self._get(key)
+        except trio.Cancelled:
+            self._abandon("fail")
+            raise
+
+    async def _write(self, f: str, key: str, args: Any, command: bytes) -> str:
+        try:
+            return await self._write_once(f, key, args, command)
+        except trio.Cancelled:
+            self._abandon("info")
+            raise
+
+    def _abandon(self, type_: str) -> None:
+        """The caller was cancelled mid-operation (end of a scenario)."""
+        if self.cluster.history.has_pending(self.process):
+            self.cluster.history.complete(self.process, type_, "cancelled", trio.current_time())
+            if type_ == "info":
+                self.process = self.cluster.history.new_process()
+
+    async def _get(self, key: str) -> tuple[str, bytes | None]:
         cluster = self.cluster
         history = cluster.history
         history.invoke(self.process, "get", key, None, trio.current_time())
@@ -225,7 +277,7 @@ class SimClient:
         history.fail(self.process, "timeout", trio.current_time())
         return "fail", None
 
-    async def _write(self, f: str, key: str, args: Any, command: bytes) -> str:
+    async def _write_once(self, f: str, key: str, args: Any, command: bytes) -> str:
         """Returns "ok", "fail" (certainly not applied) or "info" (unknown)."""
         cluster = self.cluster
         history = cluster.history
@@ -244,6 +296,11 @@ class SimClient:
                 except NotLeaderError as exc:
                     # Raised before anything was appended: safe to try elsewhere.
                     self._redirect(exc)
+                    await trio.sleep(cluster.config.tick_seconds)
+                    continue
+                except ProposalDroppedError:
+                    # Refused before appending (e.g. a leadership transfer is
+                    # under way): certainly not applied, so retry shortly.
                     await trio.sleep(cluster.config.tick_seconds)
                     continue
                 except (NodeStoppedError, ProposalLostError) as exc:
@@ -322,6 +379,10 @@ class SimCluster:
         self.network = SimNetwork(config.network, self.rng.stream("network"), on_deliver=self._on_deliver)
         self.nodes: dict[int, SimNode] = {i: SimNode(self, i) for i in self.node_ids}
         self.clients: list[SimClient] = []
+        # Synchronous observers of replica trace events, for scripted
+        # scenarios that must react at an exact point (e.g. "the moment n5
+        # becomes leader"). Called inside the replica's Ready handling.
+        self.trace_hooks: list[Callable[[int, str, dict], None]] = []
         self._nursery: trio.Nursery
 
     # ---- scenario API ------------------------------------------------------------
@@ -370,6 +431,8 @@ class SimCluster:
 
     def _on_node_trace(self, node_id: int, incarnation: int, kind: str, fields: dict) -> None:
         self.checker.on_event(node_id, incarnation, kind, fields)
+        for hook in self.trace_hooks:
+            hook(node_id, kind, fields)
         if kind == "apply":
             text = f"index={fields['index']} term={fields['term']} data={fields['data'][:40]!r}"
         else:
@@ -396,6 +459,25 @@ class SimCluster:
             await trio.sleep(self.config.tick_seconds * 2)
             self.checker.check_leader_logs(self._storages())
 
+    async def _message_watchdog(self, body_scope: trio.CancelScope) -> None:
+        """Stop the scenario body on a livelock: a sustained message storm
+        (a burst such as a follower catching up is fine) or too many in all."""
+        window_seconds = 0.1
+        hot_windows = 0
+        stats = self.network.stats
+        while True:
+            before = stats["delivered"]
+            await trio.sleep(window_seconds)
+            rate = (stats["delivered"] - before) / window_seconds
+            hot_windows = hot_windows + 1 if rate > self.config.storm_messages_per_second else 0
+            if hot_windows >= 5 or stats["delivered"] > self.config.max_messages_total:
+                break
+        self.violations.append(
+            f"liveness: message storm ({rate:.0f} messages/s, {stats['delivered']} delivered in all); run stopped"
+        )
+        self.log("message storm: run stopped")
+        body_scope.cancel()
+
     async def liveness_phase(self) -> None:
         """Heal everything and require recovery within config.liveness_seconds:
         a leader, a successful read of every key by every client, and every
@@ -413,10 +495,14 @@ class SimCluster:
         from .nemesis import membership_change
 
         for node_id in self.node_ids:
-            leader = self.leader()
-            st = None if leader is None else self.nodes[leader].status()
-            if st is not None and node_id not in st["voters"]:
-                await membership_change(self, "add_voter", node_id)
+            while trio.current_time() < deadline:
+                leader = self.leader()
+                st = None if leader is None else self.nodes[leader].status()
+                if st is not None and node_id in st["voters"]:
+                    break
+                if st is not None and await membership_change(self, "add_voter", node_id):
+                    break
+                await trio.sleep(self.config.tick_seconds * 5)
         for client in self.clients:
             for key in self.config.keys:
                 while True:
@@ -432,23 +518,31 @@ class SimCluster:
                 leader = self.leader()
                 if leader is not None:
                     commit = self.nodes[leader].status()["commit"]
-                    if all(n.status()["applied"] >= commit for n in self.nodes.values() if n.voter()):
+                    voters = self._voters()
+                    if all(self.nodes[v].up and self.nodes[v].raft.applied >= commit for v in voters):
                         return
                 await trio.sleep(self.config.tick_seconds)
         lagging = {n.id: n.status()["applied"] for n in self.nodes.values() if n.raft is not None}
         self.violations.append(f"liveness: replicas did not converge after healing: applied={lagging}")
 
+    def _voters(self) -> list[int]:
+        """Voters per the current leader's membership (every node if none)."""
+        leader = self.leader()
+        if leader is None:
+            return list(self.node_ids)
+        return [v for v in self.nodes[leader].status()["voters"] if v in self.nodes]
+
     def check(self) -> list[str]:
         """Run every end-of-run checker; returns (and keeps) all violations."""
         problems = list(self.violations)
-        storages = {i: s for i, (_, s) in self._storages().items()}
+        storages = {n.id: (n.raft.storage, n.raft.commit) for n in self.nodes.values() if n.raft is not None}
         self.checker.check_leader_logs(self._storages())
         self.checker.check_logs(storages)
         problems += self.checker.violations
         replicas = [
             ReplicaView(n.id, n.raft.applied, n.raft.storage)
-            for n in self.nodes.values()
-            if n.raft is not None and n.voter()
+            for n in (self.nodes[v] for v in self._voters())
+            if n.raft is not None
         ]
         problems += check_durability(self.acked_writes, self.checker.applied, replicas)
         report = check_operations(RegisterModel(), self.history.operations(), max_steps=self.config.wgl_max_steps)
@@ -474,7 +568,10 @@ async def open_cluster(
             node._start(bootstrap_voters=cluster.node_ids)
         cluster.clients = [SimClient(cluster, i) for i in range(config.client_count)]
         nursery.start_soon(cluster._sweep_invariants)
+        body_scope = trio.CancelScope()
+        nursery.start_soon(cluster._message_watchdog, body_scope)
         try:
-            yield cluster
+            with body_scope:
+                yield cluster
         finally:
             nursery.cancel_scope.cancel()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 SECTOR_BYTES = 512
 TEAR_FILLS = ("old", "zero", "garbage")
@@ -496,11 +496,3 @@ class _Lcg:
     def randbytes(self, n: int) -> bytes:
         return bytes(self._next() & 0xFF for _ in range(n))
 
-
-def describe(fs: SimFS) -> dict[str, Any]:
-    """A debugging summary: files with durable and current sizes."""
-    return {
-        path: {"current": len(fs._inodes[ino].current), "durable": len(fs._inodes[ino].durable),
-               "pending_ops": len(fs._inodes[ino].pending)}
-        for path, ino in sorted(fs._names.items())
-    }

@@ -79,6 +79,9 @@ class HistoryRecorder:
     def info(self, process: int, value: Any = None, time_seconds: float = 0.0) -> None:
         self.complete(process, INFO, value, time_seconds)
 
+    def has_pending(self, process: int) -> bool:
+        return process in self._open
+
     def pending(self) -> list[Event]:
         return sorted(self._open.values(), key=lambda e: e.seq)
 

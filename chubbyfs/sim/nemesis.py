@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..raft import ProposalDroppedError
 from ..raft.node import NodeStoppedError, NotLeaderError, ProposalLostError
 
 if TYPE_CHECKING:
@@ -80,14 +81,15 @@ def ring_blocked_pairs(node_ids: list[int]) -> set[tuple[int, int]]:
     return blocked
 
 
-async def membership_change(cluster: SimCluster, op: str, node_id: int) -> None:
+async def membership_change(cluster: SimCluster, op: str, node_id: int) -> bool:
+    """Propose the change to the current leader; True once it committed."""
     leader = cluster.leader()
     if leader is None:
         cluster.log(f"nemesis {op} n{node_id}: no leader, skipped")
-        return
+        return False
     if op == "remove_voter" and node_id == leader:
         cluster.log(f"nemesis remove_voter n{node_id}: is the leader, skipped")
-        return
+        return False
     raft = cluster.nodes[leader].raft
     assert raft is not None
     with trio.move_on_after(cluster.config.request_timeout_seconds * 4):
@@ -97,13 +99,15 @@ async def membership_change(cluster: SimCluster, op: str, node_id: int) -> None:
             else:
                 await raft.add_voter(node_id)
             cluster.log(f"nemesis {op} n{node_id}: committed")
-            return
-        except (NotLeaderError, ProposalLostError, NodeStoppedError, ValueError, RuntimeError) as exc:
+            return True
+        except (NotLeaderError, ProposalDroppedError, ProposalLostError, NodeStoppedError, ValueError,
+                RuntimeError) as exc:
             # Membership changes are refused while another is pending, or
             # by a replica that lost leadership: both are normal under faults.
             cluster.log(f"nemesis {op} n{node_id}: {type(exc).__name__}: {exc}")
-            return
+            return False
     cluster.log(f"nemesis {op} n{node_id}: timed out")
+    return False
 
 
 def apply_step(cluster: SimCluster, step: FaultStep) -> None:
@@ -156,7 +160,7 @@ def apply_step(cluster: SimCluster, step: FaultStep) -> None:
 async def _transfer(cluster: SimCluster, raft: Any, target: int) -> None:
     try:
         await raft.transfer_leadership(target)
-    except (NotLeaderError, ValueError, RuntimeError) as exc:
+    except (NotLeaderError, ProposalDroppedError, ValueError, RuntimeError) as exc:
         cluster.log(f"nemesis transfer_leader: {type(exc).__name__}: {exc}")
 
 

@@ -78,6 +78,7 @@ class SimNetwork:
         self._in_flight: Counter[tuple[int, int]] = Counter()
         self._wakeup = trio.Event()
         self.stats: Counter[str] = Counter()
+        self._drop_filters: list[Callable[[int, int, Message], bool]] = []
 
     # ---- endpoints -----------------------------------------------------------
 
@@ -126,6 +127,13 @@ class SimNetwork:
         """Hold messages on frm -> to until the given virtual time."""
         self._clogged_until[(frm, to)] = max(self._clogged_until.get((frm, to), 0.0), until_seconds)
 
+    def add_drop_filter(self, predicate: Callable[[int, int, Message], bool]) -> Callable[[], None]:
+        """Drop every message for which predicate(frm, to, msg) is true, at
+        send time (etcd rafttest's drop filters, for scripted schedules).
+        Returns a function that removes the filter."""
+        self._drop_filters.append(predicate)
+        return lambda: self._drop_filters.remove(predicate)
+
     def heal(self) -> None:
         """Remove every partition and clog (node crashes are not network faults)."""
         self._blocked.clear()
@@ -145,6 +153,9 @@ class SimNetwork:
         self.stats["sent"] += 1
         if (frm, to) in self._blocked:
             self.stats["dropped_partition"] += 1
+            return
+        if self._drop_filters and any(f(frm, to, msg) for f in self._drop_filters):
+            self.stats["dropped_filter"] += 1
             return
         cfg = self.config
         rng = self._rng

@@ -8,6 +8,7 @@ pure function of the seed (and the code).
 from __future__ import annotations
 
 import random
+import traceback
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -112,6 +113,7 @@ def generate(seed: int, *, base: SimConfig | None = None, kinds: tuple[str, ...]
         client_count=rng.randint(2, 4),
         network=network,
         snapshot_every=rng.choice([20, 50, 200]),
+        max_size_per_msg=rng.choice([1, 1 << 20, 1 << 20]),
     )
     # Swarm: each seed enables its own subset of fault kinds, so rare
     # combinations get runs where they are not drowned out by the rest.
@@ -124,29 +126,20 @@ def generate(seed: int, *, base: SimConfig | None = None, kinds: tuple[str, ...]
         hold = rng.uniform(0.05, 0.8)
         plan += _one_fault(rng, rng.choice(enabled), round(t, 4), ids, round(hold, 4))
         t += rng.expovariate(1 / 0.35)
-    return Scenario(seed, config, tuple(sorted(plan, key=lambda s: s.at_seconds)), safety_seconds,
-                    max_messages=node_count * 6_000)
+    max_messages = node_count * 6_000
+    # A run delivering several times its safety budget has livelocked.
+    config = replace(config, max_messages_total=max_messages * 3)
+    return Scenario(seed, config, tuple(sorted(plan, key=lambda s: s.at_seconds)), safety_seconds, max_messages)
 
 
 async def simulate(scenario: Scenario, trace_sink: Callable[[str], None] | None = None) -> SimResult:
     config = scenario.config
     async with open_cluster(config, scenario.seed, trace_sink=trace_sink) as cluster:
         cluster.log(scenario.describe())
-        stop = trio.Event()
-        async with trio.open_nursery() as clients:
-            for client in cluster.clients:
-                clients.start_soon(client.run_workload, stop)
-            plan_scope = trio.CancelScope()
-            clients.start_soon(_run_plan_in, plan_scope, cluster, list(scenario.plan))
-            deadline = trio.current_time() + scenario.safety_seconds
-            while trio.current_time() < deadline and cluster.network.stats["delivered"] < scenario.max_messages:
-                await trio.sleep(0.05)
-            cluster.log("safety phase over")
-            stop.set()
-            plan_scope.cancel()
+        await _safety_phase(cluster, scenario)
         await cluster.liveness_phase()
         cluster.log("liveness phase over")
-        cluster.history.close_pending(trio.current_time())
+    cluster.history.close_pending(trio.current_time())
     violations = cluster.check()
     stats = dict(cluster.network.stats)
     stats.update(
@@ -158,6 +151,21 @@ async def simulate(scenario: Scenario, trace_sink: Callable[[str], None] | None 
     )
     return SimResult(scenario.seed, cluster.digest(), violations, stats, cluster.trace_tail[-60:],
                      cluster.history.format(last=30), scenario)
+
+
+async def _safety_phase(cluster, scenario: Scenario) -> None:
+    stop = trio.Event()
+    async with trio.open_nursery() as clients:
+        for client in cluster.clients:
+            clients.start_soon(client.run_workload, stop)
+        plan_scope = trio.CancelScope()
+        clients.start_soon(_run_plan_in, plan_scope, cluster, list(scenario.plan))
+        deadline = trio.current_time() + scenario.safety_seconds
+        while trio.current_time() < deadline and cluster.network.stats["delivered"] < scenario.max_messages:
+            await trio.sleep(0.05)
+        cluster.log("safety phase over")
+        stop.set()
+        plan_scope.cancel()
 
 
 async def _run_plan_in(scope: trio.CancelScope, cluster, plan: list[FaultStep]) -> None:
@@ -173,3 +181,7 @@ def run_sim(seed: int, scenario: Scenario | None = None, *, trace_sink: Callable
         return run_deterministic(simulate, scenario, trace_sink, seed=seed, timeout_seconds=budget)
     except SimHangError as exc:
         return SimResult(seed, "hang", [f"hang: {exc}"], {}, scenario=scenario)
+    except Exception as exc:  # noqa: BLE001 - any escape from a replica or the harness fails the seed
+        detail = "".join(traceback.format_exception(exc)[-6:])
+        return SimResult(seed, "exception", [f"exception: {type(exc).__name__}: {exc}"], {},
+                         trace_tail=detail.splitlines(), scenario=scenario)

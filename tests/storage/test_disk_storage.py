@@ -194,12 +194,17 @@ def test_torn_tail_is_repaired_and_reported():
     st.append(ents(1, 5))
     st.sync()
     st.append(ents(5, 30, size=100))
-    st._wal.flush()
-    fs.crash(random.Random(2), tear_probability=1.0)
-    images = [dict(fs.clone().crash_images())]
-    st = DiskStorage.open(fs, D)
-    assert 4 <= st.last_index() <= 29
-    assert images  # the image list itself is exercised by the crash-point tests
+    st._wal.flush()  # written, never synced: then the power goes
+    images = dict(fs.crash_images())
+    img = images["torn-keep1-garbage/dirs-applied"]
+    st = DiskStorage.open(img, D)
+    torn = st.recovery.wal.torn_tail
+    assert torn is not None and torn.kind == "garbage"
+    assert 4 <= st.last_index() < 29
+    assert img.exists(f"{D}/{torn.broken_copy}")
+    st.append(ents(st.last_index() + 1, st.last_index() + 2, term=1))
+    st.sync()
+    assert DiskStorage.open(img, D).recovery.wal.torn_tail is None
 
 
 def test_missing_snapshot_referenced_by_the_log_refuses():
@@ -283,3 +288,38 @@ def test_group_commit_through_disk_storage():
         st.set_hard_state(HardState(term=1, commit=i - 1))
     st.sync()
     assert counting.calls["file.write"] == 1 and counting.calls["file.fdatasync"] == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\xc1", "undecodable ENTRIES record"),
+        (b"\x92\x01\x90", "empty ENTRIES record"),  # msgpack [1, []]
+        (encode_entries(ents(5, 6)), "gap in the log"),
+    ],
+)
+def test_logically_bad_records_refuse(payload, message):
+    from chubbyfs.storage.wal import RecordType, open_wal
+
+    fs = SimFS()
+    fs.mkdir(D)
+    wal, _, _ = open_wal(fs, D)
+    wal.append(RecordType.ENTRIES, payload)
+    wal.sync()
+    wal.close()
+    with pytest.raises(WalCorruptionError, match=message) as info:
+        DiskStorage.open(fs, D)
+    assert info.value.offset == 40
+
+
+def test_undecodable_hard_state_refuses():
+    from chubbyfs.storage.wal import RecordType, open_wal
+
+    fs = SimFS()
+    fs.mkdir(D)
+    wal, _, _ = open_wal(fs, D)
+    wal.append(RecordType.HARD_STATE, b"\x91\x01")  # [1]: too short
+    wal.sync()
+    wal.close()
+    with pytest.raises(WalCorruptionError, match="undecodable HARD_STATE"):
+        DiskStorage.open(fs, D)

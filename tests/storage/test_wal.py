@@ -472,3 +472,11 @@ def test_chain_runs_across_segments():
         previous = [r for r in records if r.segment_seq == header.seq - 1][-1]
         data = fs.read_file(posixpath.join(d, previous.segment))
         assert header.prev_crc == struct.unpack_from("<I", data, previous.offset + 4)[0]
+
+
+def test_header_that_disagrees_with_the_file_name_refuses():
+    fs, d, _ = build("sim", None)
+    path = segment_paths(fs, d)[-1]
+    fs.rename(path, posixpath.join(d, segment_name(1, 77)))
+    with pytest.raises(WalCorruptionError, match="header says seq 1 first index 1"):
+        open_wal(fs, d)

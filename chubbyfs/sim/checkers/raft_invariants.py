@@ -165,11 +165,14 @@ class RaftInvariantChecker:
         except StorageError:
             return None
 
-    def check_logs(self, storages: dict[int, Storage]) -> None:
-        """Every stored entry at a committed index matches what was applied."""
+    def check_logs(self, storages: dict[int, tuple[Storage, int]]) -> None:
+        """Every entry a replica stores at or below its own commit index
+        matches what was applied there. (Above its commit index a lagging
+        replica may legally still hold an entry that another leader's
+        entry replaced.) `storages` maps node -> (storage, commit index)."""
         for node_id in sorted(storages):
-            storage = storages[node_id]
-            first, last = storage.first_index(), storage.last_index()
+            storage, commit = storages[node_id]
+            first, last = storage.first_index(), min(storage.last_index(), commit)
             indices = [i for i in self.applied if first <= i <= last]
             if not indices:
                 continue
