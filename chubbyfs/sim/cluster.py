@@ -199,11 +199,6 @@ class SimNode:
     def status(self) -> dict[str, Any] | None:
         return None if self.raft is None else self.raft.status()
 
-    def voter(self) -> bool:
-        """Up, and a voter in its own applied membership."""
-        st = self.status()
-        return st is not None and self.id in st["voters"]
-
 
 class SimClient:
     """A register client: put / get / cas against whoever it thinks leads."""
