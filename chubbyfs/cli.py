@@ -76,7 +76,7 @@ async def _run_local_cell(args: argparse.Namespace) -> None:
     config_path = directory / "cell.toml"
     if not config_path.exists():
         replicas = [(i, f"127.0.0.1:{args.port + i}", str(i)) for i in range(1, args.replicas + 1)]
-        write_cell_config(config_path, args.name, replicas)
+        write_cell_config(config_path, args.name, replicas, state_machine=args.state_machine)
     cell = load_cell_config(config_path)
     cells_path = directory / "cells.toml"
     write_cells_file(cells_path, {cell.name: [r.address for r in cell.replicas]})
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--dir", help="data directory (default: a per-user or /var/lib location)")
     local.add_argument("--port", type=int, default=7100, help="replica i listens on PORT+i")
     local.add_argument("--name", default="local", help="the cell's name")
+    local.add_argument("--state-machine", default="chubby", choices=("chubby", "kv"),
+                       help="'kv' runs the bare replicated register used by Raft benchmarks")
     local.set_defaults(func=cmd_cell_local)
     for name, helptext in (("add-voter", "make a configured replica a voting member"),
                            ("remove-voter", "remove a replica from the voting members"),

@@ -44,6 +44,11 @@ class CellConfig:
     heartbeat_ms: int = 30
     snapshot_every: int = 10_000
     snapshot_keep_entries: int = 1_000  # kept behind a snapshot so slow followers avoid a full transfer
+    # "chubby": the Chubby namespace; "kv": the bare replicated register that
+    # Raft-level tests and benchmarks use.
+    state_machine: str = "chubby"
+    admins: tuple[str, ...] = ("root",)
+    session_lease_ms: int = 12_000
 
     def replica(self, replica_id: int) -> ReplicaConfig:
         for r in self.replicas:
@@ -93,18 +98,34 @@ def load_cell_config(path: str | Path) -> CellConfig:
         replicas.append(ReplicaConfig(rid, address, data_dir))
     if not replicas:
         raise ConfigError(f"{path}: no [[replica]] entries")
-    kwargs = {k: int(cell[k]) for k in ("tick_ms", "election_ms", "heartbeat_ms", "snapshot_every", "snapshot_keep_entries") if k in cell}
-    cfg = CellConfig(name=name, replicas=tuple(replicas), **kwargs)
+    kwargs: dict = {k: int(cell[k]) for k in ("tick_ms", "election_ms", "heartbeat_ms", "snapshot_every",
+                                                "snapshot_keep_entries", "session_lease_ms") if k in cell}
+    state_machine = cell.get("state_machine", "chubby")
+    if state_machine not in ("chubby", "kv"):
+        raise ConfigError(f"{path}: [cell] state_machine must be 'chubby' or 'kv', not {state_machine!r}")
+    admins = cell.get("admins", ["root"])
+    if not isinstance(admins, list) or not all(isinstance(a, str) and a for a in admins):
+        raise ConfigError(f"{path}: [cell] admins must be a list of user names")
+    cfg = CellConfig(name=name, replicas=tuple(replicas), state_machine=state_machine, admins=tuple(admins),
+                     **kwargs)
     if cfg.heartbeat_ms * 3 > cfg.election_ms:
         raise ConfigError(f"{path}: heartbeat_ms must be at most a third of election_ms")
     return cfg
 
 
-def write_cell_config(path: Path, name: str, replicas: list[tuple[int, str, str]], **cell: int) -> None:
-    lines = ["[cell]", f'name = "{name}"'] + [f"{k} = {v}" for k, v in cell.items()]
+def write_cell_config(path: Path, name: str, replicas: list[tuple[int, str, str]], **cell: object) -> None:
+    lines = ["[cell]", f'name = "{name}"'] + [f"{k} = {_toml_value(v)}" for k, v in cell.items()]
     for rid, address, data_dir in replicas:
         lines += ["", "[[replica]]", f"id = {rid}", f'address = "{address}"', f'data_dir = "{data_dir}"']
     path.write_text("\n".join(lines) + "\n")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
 
 
 def write_cells_file(path: Path, cells: dict[str, list[str]]) -> None:

@@ -1,10 +1,11 @@
 """One replica process: `chubbyfs cell start --config FILE --id N`.
 
 Composes the pieces: durable storage in the replica's data directory, the
-Raft node, the TCP transport to its peers, and one listener that accepts both
-replica-to-replica (`kind: raft`) and client (`kind: client`) connections.
-Until the Chubby state machine is plugged in, the replicated state is the
-key/value register of `cell/kv.py`.
+Raft node, the TCP transport to its peers, the service that answers clients
+(the Chubby master of `cell/master.py`, or for Raft-level tests and
+benchmarks the key/value register of `cell/kv.py`), and one listener that
+accepts both replica-to-replica (`kind: raft`) and client (`kind: client`)
+connections.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from chubbyfs.wire.stream import FramedStream, parse_address
 
 from . import kv
 from .config import CellConfig
+from .master import CellService, ObservedStateMachine
+from .state_machine import CellStateMachine
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,10 @@ class Replica:
         self.storage = DiskStorage.open(fs, raft_dir)
         if not join:
             bootstrap_storage(self.storage, [r.id for r in cell.replicas])
-        self.state_machine = kv.KVStateMachine()
+        if cell.state_machine == "kv":
+            self.state_machine: Any = kv.KVStateMachine()
+        else:
+            self.state_machine = ObservedStateMachine(CellStateMachine())
         self.transport = TcpTransport(replica_id, cell.name, cell.addresses())
         self.node = RaftNode(
             config=Config(id=replica_id, election_tick=cell.election_tick, heartbeat_tick=cell.heartbeat_tick),
@@ -63,6 +69,10 @@ class Replica:
         )
         self.transport.deliver = self.node.deliver
         self.transport.on_unreachable = self.node.raw.report_unreachable
+        self.service: CellService | None = None
+        if cell.state_machine == "chubby":
+            self.service = CellService(self.node, self.state_machine, cell_name=cell.name, admins=cell.admins,
+                                       session_lease_ms=cell.session_lease_ms)
         self.listen_port: int | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -71,6 +81,8 @@ class Replica:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.node.run)
             nursery.start_soon(self.transport.run)
+            if self.service is not None:
+                await nursery.start(self.service.run)
             listeners = await nursery.start(partial(trio.serve_tcp, self._handle_connection, port, host=host))
             self.listen_port = listeners[0].socket.getsockname()[1]
             log.info("replica %d of cell %s serving on %s:%d", self.me.id, self.cell.name, host, self.listen_port)
@@ -92,13 +104,16 @@ class Replica:
                 await self.transport.serve_inbound(framed, hello)
             else:
                 framed.set_max_frame_bytes(CLIENT_MAX_FRAME_BYTES)
-                await self._serve_client(framed)
+                principal = hello.get("principal")
+                # Identity is the configured trusted one the client names
+                # (TLS client certificates replace this later).
+                await self._serve_client(framed, principal if isinstance(principal, str) and principal else "anonymous")
         except (EOFError, FrameError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             log.debug("connection ended: %s", exc)
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_client(self, framed: FramedStream) -> None:
+    async def _serve_client(self, framed: FramedStream, principal: str) -> None:
         """Requests on one connection run concurrently; each reply carries the
         request's id so the client can match them."""
         async with trio.open_nursery() as nursery:
@@ -107,46 +122,29 @@ class Replica:
                     request = await framed.receive()
                 except EOFError:
                     break
-                nursery.start_soon(self._answer, framed, request)
+                nursery.start_soon(self._answer, framed, request, principal)
 
-    async def _answer(self, framed: FramedStream, request: Any) -> None:
+    async def _answer(self, framed: FramedStream, request: Any, principal: str) -> None:
         if not isinstance(request, dict) or not isinstance(request.get("op"), str):
             reply: dict = {"error": "bad_request", "message": "a request is a map with an 'op' string"}
         else:
-            reply = await self.handle(request)
+            reply = await self.handle(request, principal)
         reply["id"] = request.get("id") if isinstance(request, dict) else None
         try:
             await framed.send(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    async def handle(self, request: dict) -> dict:
+    async def handle(self, request: dict, principal: str = "anonymous") -> dict:
         op = request["op"]
         try:
             if op == "status":
                 return {"ok": True, "status": self.status()}
-            if op == "get":
-                return {"ok": True, **await self.node.read(("get", _key(request)))}
-            if op in ("put", "cas"):
-                command = (kv.encode_put(_key(request), _bytes(request, "value")) if op == "put"
-                           else kv.encode_cas(_key(request), request.get("expected"), _bytes(request, "value")))
-                with trio.move_on_after(PROPOSAL_TIMEOUT_S):
-                    return await self.node.propose(command)
-                return {"error": "timeout", "message": "not committed in time; outcome unknown"}
-            if op == "transfer_leadership":
-                await self.node.transfer_leadership(int(request["target"]))
-                return {"ok": True}
-            if op in ("add_voter", "remove_voter"):
-                target = int(request["replica"])
-                self.cell.replica(target)  # only replicas named in the config
-                with trio.move_on_after(PROPOSAL_TIMEOUT_S):
-                    if op == "add_voter":
-                        await self.node.add_voter(target)
-                    else:
-                        await self.node.remove_voter(target)
-                    return {"ok": True}
-                return {"error": "timeout", "message": "membership change not committed in time"}
-            return {"error": "bad_request", "message": f"unknown op {op!r}"}
+            if op in ("transfer_leadership", "add_voter", "remove_voter"):
+                return await self._admin(op, request)
+            if self.service is not None:
+                return await self.service.handle(request, principal)
+            return await self._handle_kv(op, request)
         except NotLeaderError as exc:
             leader = exc.leader
             address = self.cell.addresses().get(leader) if leader else None
@@ -158,12 +156,39 @@ class Replica:
         except NodeStoppedError as exc:
             return {"error": "unavailable", "message": str(exc)}
         except (KeyError, ValueError, TypeError) as exc:
-            return {"error": "bad_request", "message": str(exc)}
+            return {"error": "bad_request", "message": f"{type(exc).__name__}: {exc}"}
+
+    async def _handle_kv(self, op: str, request: dict) -> dict:
+        if op == "get":
+            return {"ok": True, **await self.node.read(("get", _key(request)))}
+        if op in ("put", "cas"):
+            command = (kv.encode_put(_key(request), _bytes(request, "value")) if op == "put"
+                       else kv.encode_cas(_key(request), request.get("expected"), _bytes(request, "value")))
+            with trio.move_on_after(PROPOSAL_TIMEOUT_S):
+                return await self.node.propose(command)
+            return {"error": "timeout", "message": "not committed in time; outcome unknown"}
+        return {"error": "bad_request", "message": f"unknown op {op!r}"}
+
+    async def _admin(self, op: str, request: dict) -> dict:
+        if op == "transfer_leadership":
+            await self.node.transfer_leadership(int(request["target"]))
+            return {"ok": True}
+        target = int(request["replica"])
+        self.cell.replica(target)  # only replicas named in the config
+        with trio.move_on_after(PROPOSAL_TIMEOUT_S):
+            if op == "add_voter":
+                await self.node.add_voter(target)
+            else:
+                await self.node.remove_voter(target)
+            return {"ok": True}
+        return {"error": "timeout", "message": "membership change not committed in time"}
 
     def status(self) -> dict:
         st = self.node.status()
         st.update({"address": self.me.address, "pid": os.getpid(), "cell": self.cell.name,
                    "leader_address": self.cell.addresses().get(st["leader"])})
+        if self.service is not None:
+            st["master"] = self.service.statistics()
         return st
 
 

@@ -249,6 +249,13 @@ class CellStateMachine:
         """session_id -> lease_end_ms of every live session (for failover)."""
         return {sid: self.sessions[sid].lease_end_ms for sid in sorted(self.sessions)}
 
+    def next_deadline_ms(self) -> int | None:
+        """The earliest stamped time at which a Tick may change something (a
+        lease or a lock-delay ending; possibly earlier, never later): the
+        master proposes a Tick then."""
+        times = [h[0][0] for h in (self._lease_heap, self._delay_heap, self._path_delay_heap) if h]
+        return min(times) if times else None
+
     def session_handle_ids(self, session_id: int) -> tuple[int, ...]:
         session = self.sessions.get(session_id)
         return () if session is None else tuple(sorted(session.handle_ids))
@@ -834,9 +841,17 @@ class CellStateMachine:
                         blocking: bool) -> Result:
         handle, node = self._resolve(cmd, fx, Intent.LOCK, AclKind.WRITE)
         assert node is not None
+        # A repeated request in the same mode answers as the first one did:
+        # a client that lost its master mid-call retries at the next one and
+        # must neither fail nor queue twice.
         if handle.held_mode is not None:
-            raise _Fail(ErrorCode.LOCK_HELD, "this handle already holds the lock")
+            if handle.held_mode == cmd.mode:
+                return Result(ErrorCode.OK, value=LockResult(True, node.lock.generation,
+                                                             self._sequencer_for(node, cmd.mode)))
+            raise _Fail(ErrorCode.LOCK_HELD, "this handle already holds the lock in another mode")
         if handle.waiting_mode is not None:
+            if blocking and handle.waiting_mode == cmd.mode:
+                return Result(ErrorCode.OK, value=LockResult(False))
             raise _Fail(ErrorCode.INVALID_ARGUMENT, "this handle already waits for the lock")
         lock = node.lock
         if lock.can_grant_now(cmd.mode, fx.now_ms):

@@ -8,6 +8,7 @@ cache, events) builds on this class rather than replacing it.
 
 from __future__ import annotations
 
+import getpass
 import itertools
 import random
 from contextlib import asynccontextmanager
@@ -46,13 +47,16 @@ class _Link:
 
 class CellConnection:
     def __init__(self, addresses: list[str], nursery: trio.Nursery, *, cell: str | None = None,
-                 call_timeout_s: float = 15.0) -> None:
+                 principal: str | None = None, call_timeout_s: float = 15.0) -> None:
         if not addresses:
             raise ValueError("a cell needs at least one replica address")
         for a in addresses:
             parse_address(a)
         self.addresses = list(addresses)
         self.cell = cell
+        # The identity the cell enforces ACLs for; TLS client certificates
+        # will vouch for it later, today the cell trusts what we say.
+        self.principal = principal or getpass.getuser()
         self.call_timeout_s = call_timeout_s
         self._nursery = nursery
         self._link: _Link | None = None
@@ -104,7 +108,7 @@ class CellConnection:
     async def call_replica(self, address: str, op: str, *, timeout_s: float = 2.0, **args: Any) -> dict:
         """One request to one specific replica, no redirects (for status)."""
         host, port = parse_address(address)
-        framed, _ = await open_framed(host, port, {"kind": "client", "cell": self.cell}, connect_timeout_s=timeout_s)
+        framed, _ = await open_framed(host, port, {"kind": "client", "cell": self.cell, "principal": self.principal}, connect_timeout_s=timeout_s)
         try:
             with trio.fail_after(timeout_s):
                 await framed.send({"op": op, "id": 0, **args})
@@ -138,7 +142,7 @@ class CellConnection:
             address = self._preferred or next(self._rotation)
             self._preferred = None
             host, port = parse_address(address)
-            framed, _ = await open_framed(host, port, {"kind": "client", "cell": self.cell})
+            framed, _ = await open_framed(host, port, {"kind": "client", "cell": self.cell, "principal": self.principal})
             link = self._link = _Link(address, framed)
             self._nursery.start_soon(self._read_replies, link)
             return link

@@ -33,14 +33,16 @@ def free_ports(n: int) -> list[int]:
 
 
 class LocalCell:
-    def __init__(self, directory: Path, replicas: int = 3, *, name: str = "test", **cell_options: int) -> None:
+    def __init__(self, directory: Path, replicas: int = 3, *, name: str = "test", state_machine: str = "kv",
+                 **cell_options: object) -> None:
         self.directory = directory
         self.name = name
         ports = free_ports(replicas)
         self.addresses = {i + 1: f"127.0.0.1:{port}" for i, port in enumerate(ports)}
         self.config_path = directory / "cell.toml"
         write_cell_config(self.config_path, name,
-                          [(rid, addr, str(rid)) for rid, addr in self.addresses.items()], **cell_options)
+                          [(rid, addr, str(rid)) for rid, addr in self.addresses.items()],
+                          state_machine=state_machine, **cell_options)
         self.cells_path = directory / "cells.toml"
         write_cells_file(self.cells_path, {name: list(self.addresses.values())})
         self.procs: dict[int, subprocess.Popen] = {}

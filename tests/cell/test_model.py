@@ -411,10 +411,18 @@ class CellModel(RuleBasedStateMachine):
         lock = self.locks[mh.instance]
         hid = mh.ref.handle_id
         if hid in lock.holders:
-            self.apply(self.call(cls, mh, mode=mode), ErrorCode.LOCK_HELD)
+            if lock.holders[hid] == mode:  # a retry answers as the grant did
+                result = self.apply(self.call(cls, mh, mode=mode), ErrorCode.OK)
+                assert result.value.granted
+            else:
+                self.apply(self.call(cls, mh, mode=mode), ErrorCode.LOCK_HELD)
             return
         if any(w == hid for w, _ in lock.waiters):
-            self.apply(self.call(cls, mh, mode=mode), ErrorCode.INVALID_ARGUMENT)
+            if blocking and (hid, mode) in lock.waiters:  # a retry re-attaches
+                assert self.apply(self.call(cls, mh, mode=mode), ErrorCode.OK).value == \
+                    LockResult(False)
+            else:
+                self.apply(self.call(cls, mh, mode=mode), ErrorCode.INVALID_ARGUMENT)
             return
         if not lock.waiters and not self.in_delay(lock) and self.compatible(lock, mode):
             generation = self.grant(mh.instance, hid, mode)

@@ -34,7 +34,7 @@ def _wait_for_leader(env, timeout_s=20):
 def test_cell_local_status_kv_and_clean_stop(tmp_path):
     base = min(free_ports(1)[0], 60000)
     proc = subprocess.Popen([sys.executable, "-m", "chubbyfs", "cell", "local", "--dir", str(tmp_path),
-                             "--port", str(base)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", str(base), "--state-machine", "kv"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     env = dict(os.environ, CHUBBYFS_CELLS=str(tmp_path / "cells.toml"))
     try:
         rows = _wait_for_leader(env)

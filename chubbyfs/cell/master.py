@@ -1,0 +1,358 @@
+"""The Chubby master: the Raft leader's request handling for the cell.
+
+Every replica runs a `CellService`; only the one whose Raft node leads
+serves (the others answer `not_leader` with the master's address, which the
+replica layer does for us via NotLeaderError). The master:
+
+- stamps its clock (`now_ms`) into every command, so that expiry and
+  lock-delay are decided identically by every replica applying the log;
+- proposes writes and answers them once applied; serves read-only calls from
+  applied state after a linearizable read barrier (lease or ReadIndex);
+- keeps a blocked Acquire open until a later apply's wakeup names it,
+  without holding up anyone else;
+- grants session leases: it replicates a session's lease end (ExtendLeases)
+  *before* promising it to the client, so a new master that starts from the
+  replicated watermarks never expires a session earlier than the old master
+  promised (the Chubby failover rule);
+- proposes Tick when stamped time must move for an idle cell (a lease or a
+  lock-delay ending).
+
+Master epoch = the Raft term in which this replica became leader; handles
+carry the epoch they were made in.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from chubbyfs.locks import LockMode
+from chubbyfs.raft.node import RaftNode
+from chubbyfs.raft.rawnode import NotLeaderError
+from chubbyfs.raft.types import Role
+from chubbyfs.wire.cell_protocol import HANDLE_OPS, OPEN_FIELDS, value_to_wire
+
+from . import commands as c
+from .commands import ApplyResult, ErrorCode, LockWakeup, MalformedCommand, Result
+from .handles import HandleRef
+from .state_machine import CellStateMachine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SESSION_LEASE_MS = 12_000
+IDLE_TICK_MS = 1_000  # stamped time moves at least this often on an idle cell
+LEASE_BATCH_S = 0.005  # KeepAlives arriving together share one ExtendLeases entry
+PROPOSAL_TIMEOUT_S = 10.0
+
+_OP_CLASSES: dict[str, type] = {
+    "close": c.Close, "get_contents_and_stat": c.GetContentsAndStat, "get_stat": c.GetStat,
+    "read_dir": c.ReadDir, "set_contents": c.SetContents, "set_acl": c.SetACL,
+    "delete": c.Delete, "acquire": c.Acquire, "try_acquire": c.TryAcquire,
+    "release": c.Release, "get_sequencer": c.GetSequencer, "set_sequencer": c.SetSequencer,
+}
+
+
+def wall_clock_ms() -> int:
+    """Masters on different machines must agree on stamped time to within the
+    assumed drift bound, so stamps come from the wall clock."""
+    return time.time_ns() // 1_000_000
+
+
+class ObservedStateMachine:
+    """The cell state machine as Raft applies it, reporting every apply's
+    side effects (wakeups, events) to the master that may be waiting on them."""
+
+    def __init__(self, sm: CellStateMachine) -> None:
+        self.sm = sm
+        self.on_apply: Callable[[ApplyResult], None] = lambda result: None
+
+    def apply(self, index: int, command: bytes) -> ApplyResult:
+        result = self.sm.apply(index, command)
+        self.on_apply(result)
+        return result
+
+    def query(self, query: Any) -> Any:
+        if query is None:  # a pure read barrier
+            return None
+        return self.sm.query(query)
+
+    def snapshot(self) -> bytes:
+        return self.sm.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        self.sm.restore(data)
+
+
+class CellError(Exception):
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(message or code)
+        self.code = code
+        self.message = message
+
+
+class CellService:
+    def __init__(
+        self,
+        node: RaftNode,
+        observed: ObservedStateMachine,
+        *,
+        cell_name: str,
+        admins: tuple[str, ...],
+        limits: dict[str, int] | None = None,
+        session_lease_ms: int = DEFAULT_SESSION_LEASE_MS,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        secret_source: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.node = node
+        self.sm = observed.sm
+        observed.on_apply = self._on_apply
+        self.cell_name = cell_name
+        self.admins = admins
+        self.limits = limits or {}
+        self.session_lease_ms = session_lease_ms
+        self.clock_ms = clock_ms
+        self.secret_source = secret_source
+        self.epoch = 0  # 0 while not serving as master
+        self._session_ids: itertools.count[int] = itertools.count(1)
+        self._acquire_waiters: dict[tuple[int, int], trio.MemorySendChannel[LockWakeup]] = {}
+        self._pending_leases: dict[int, int] = {}
+        self._lease_batch: trio.Event | None = None
+        self._lease_batch_done = trio.Event()
+        self._wake_ticker = trio.Event()
+        self._ready = trio.Event()  # set while serving as master
+
+    # ---- apply-side hooks (run inside the Raft loop: must not block) -------------
+
+    def _on_apply(self, result: ApplyResult) -> None:
+        for wakeup in result.wakeups:
+            waiter = self._acquire_waiters.pop((wakeup.session_id, wakeup.handle_id), None)
+            if waiter is not None:
+                waiter.send_nowait(wakeup)
+        if result.wakeups or result.ended_sessions:
+            self._wake_ticker.set()
+
+    # ---- background: mastership, bootstrap, ticks -----------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._lease_batcher)
+            while True:
+                if self.node.role == Role.LEADER and self.epoch != self.node.term:
+                    await self._become_master()
+                elif self.node.role != Role.LEADER and self.epoch:
+                    self._step_down()
+                if self.epoch:
+                    await self._tick_if_due()
+                with trio.move_on_after(0.05):
+                    await self._wake_ticker.wait()
+                self._wake_ticker = trio.Event()
+
+    async def _become_master(self) -> None:
+        term = self.node.term
+        try:
+            # Everything earlier masters committed is applied before we serve.
+            await self.node.read(None)
+            if self.sm.cell is None:
+                await self._propose(c.InitCell(now_ms=self.clock_ms(), cell=self.cell_name,
+                                               admins=tuple(self.admins), secret=self.secret_source(32),
+                                               limits=dict(self.limits)))
+        except (NotLeaderError, CellError) as exc:
+            log.info("could not take mastership in term %d: %s", term, exc)
+            return
+        if self.node.role != Role.LEADER or self.node.term != term:
+            return
+        self.epoch = term
+        # Session ids: strictly increasing for the cell's life (term-major).
+        self._session_ids = itertools.count((term << 32) + 1)
+        self._ready.set()
+        log.info("master of cell %s in epoch %d", self.cell_name, term)
+
+    def _step_down(self) -> None:
+        log.info("no longer master (epoch %d)", self.epoch)
+        self.epoch = 0
+        self._ready = trio.Event()
+        # Blocked Acquires are answered by the client retrying at the new master.
+        for waiter in self._acquire_waiters.values():
+            waiter.close()
+        self._acquire_waiters.clear()
+
+    async def _tick_if_due(self) -> None:
+        now = self.clock_ms()
+        due = self.sm.next_deadline_ms()
+        if (due is not None and due <= now) or now - self.sm.now_ms >= IDLE_TICK_MS:
+            try:
+                await self._propose(c.Tick(now_ms=now))
+            except (NotLeaderError, CellError):
+                pass
+
+    # ---- request handling -------------------------------------------------------------
+
+    async def handle(self, request: dict, principal: str) -> dict:
+        """Answer one client request (raises NotLeaderError on a non-master)."""
+        op = request["op"]
+        try:
+            value = await self._dispatch(op, request, principal)
+        except CellError as exc:
+            return {"error": exc.code, "message": exc.message}
+        except MalformedCommand as exc:
+            return {"error": "bad_request", "message": str(exc)}
+        return {"ok": True, "value": value_to_wire(value)}
+
+    async def _dispatch(self, op: str, req: dict, principal: str) -> Any:
+        if op == "check_sequencer":
+            return await self._read(c.CheckSequencer(now_ms=self.clock_ms(), sequencer=_field(req, "sequencer")))
+        await self._wait_master()
+        if op == "create_session":
+            sid = next(self._session_ids)
+            now = self.clock_ms()
+            return await self._propose(c.CreateSession(now_ms=now, session_id=sid,
+                                                       lease_end_ms=now + self.session_lease_ms))
+        if op == "keep_alive":
+            return await self._keep_alive(_int(req, "session_id"))
+        if op == "end_session":
+            return await self._propose(c.EndSession(now_ms=self.clock_ms(), session_id=_int(req, "session_id")))
+        if op == "open":
+            fields = {k: req[k] for k in OPEN_FIELDS if k in req}
+            if "acl" in fields:
+                fields["acl"] = tuple(fields["acl"])
+            return await self._propose(c.Open(now_ms=self.clock_ms(), session_id=_int(req, "session_id"),
+                                              principal=principal, epoch=self.epoch, **fields))
+        if op == "rename":
+            return await self._propose(c.Rename(now_ms=self.clock_ms(), session_id=_int(req, "session_id"),
+                                                principal=principal, src_path=_field(req, "src_path"),
+                                                dst_path=_field(req, "dst_path")))
+        spec = HANDLE_OPS.get(op)
+        if spec is None:
+            raise CellError("bad_request", f"unknown op {op!r}")
+        extra, read_only = spec
+        try:
+            handle = HandleRef.from_wire(req.get("handle"))
+        except ValueError as exc:
+            raise CellError("bad_request", f"bad handle: {exc}") from None
+        kwargs = {k: req[k] for k in extra if k in req}
+        if "mode" in kwargs:
+            kwargs["mode"] = _mode(kwargs["mode"])
+        cmd = _OP_CLASSES[op](now_ms=self.clock_ms(), session_id=_int(req, "session_id"),
+                              principal=principal, handle=handle, **kwargs)
+        if read_only:
+            return await self._read(cmd)
+        if op == "acquire":
+            return await self._acquire(cmd)
+        return await self._propose(cmd)
+
+    async def _acquire(self, cmd: c.Acquire) -> Any:
+        key = (cmd.session_id, cmd.handle.handle_id)
+        # Registered before proposing: the wakeup may be applied in the same
+        # Raft batch as the Acquire itself.
+        send, receive = trio.open_memory_channel[LockWakeup](1)
+        previous = self._acquire_waiters.pop(key, None)
+        if previous is not None:
+            previous.close()
+        self._acquire_waiters[key] = send
+        try:
+            value = await self._propose(cmd)
+            if value.granted:
+                return value
+            try:
+                wakeup = await receive.receive()
+            except trio.EndOfChannel:
+                # Mastership moved while we waited; the client retries the
+                # Acquire at the new master, where it is still queued.
+                raise CellError("retry", "master changed while the Acquire waited") from None
+            if wakeup.code != ErrorCode.OK:
+                raise CellError(wakeup.code.name.lower(), f"Acquire ended: {wakeup.code.name.lower()}")
+            return c.LockResult(True, wakeup.lock_generation, wakeup.sequencer)
+        finally:
+            if self._acquire_waiters.get(key) is send:
+                del self._acquire_waiters[key]
+
+    async def _keep_alive(self, session_id: int) -> dict:
+        """Extend the session's lease, replicated before it is promised."""
+        if session_id not in self.sm.sessions:
+            raise CellError("session_expired", f"session {session_id} does not exist or has ended")
+        now = self.clock_ms()
+        lease_end = now + self.session_lease_ms
+        self._pending_leases[session_id] = lease_end
+        batch = self._lease_batch_done
+        if self._lease_batch is not None:
+            self._lease_batch.set()
+        await batch.wait()
+        if session_id not in self.sm.sessions or self.sm.sessions[session_id].lease_end_ms < lease_end:
+            raise CellError("session_expired", f"session {session_id} has ended")
+        return {"session_id": session_id, "lease_end_ms": lease_end, "lease_ms": lease_end - now}
+
+    async def _lease_batcher(self) -> None:
+        """One ExtendLeases entry for all KeepAlives that arrive together."""
+        while True:
+            self._lease_batch = trio.Event()
+            if not self._pending_leases:
+                await self._lease_batch.wait()
+            await trio.sleep(LEASE_BATCH_S)
+            leases, self._pending_leases = self._pending_leases, {}
+            done, self._lease_batch_done = self._lease_batch_done, trio.Event()
+            try:
+                await self._propose(c.ExtendLeases(now_ms=self.clock_ms(), leases=leases))
+            except (NotLeaderError, CellError) as exc:
+                log.debug("lease extension failed: %s", exc)
+            finally:
+                done.set()
+
+    async def _wait_master(self) -> None:
+        if not self._ready.is_set():
+            if self.node.role != Role.LEADER:
+                raise NotLeaderError(self.node.leader)
+            with trio.move_on_after(2.0):
+                await self._ready.wait()
+                return
+            raise CellError("retry", "master is still taking over")
+
+    async def _read(self, cmd: Any) -> Any:
+        result: Result = await self.node.read(cmd)
+        return _unwrap(result)
+
+    async def _propose(self, cmd: Any) -> Any:
+        data = c.encode_command(cmd)
+        if len(data) > self.sm.limits.max_request_bytes:
+            raise CellError("too_large", f"request of {len(data)} bytes exceeds {self.sm.limits.max_request_bytes}")
+        c.decode_command(data)  # the cell would refuse it anyway; refuse before the log
+        with trio.move_on_after(PROPOSAL_TIMEOUT_S):
+            applied: ApplyResult = await self.node.propose(data)
+            return _unwrap(applied.result)
+        raise CellError("timeout", "not committed in time; outcome unknown")
+
+    def statistics(self) -> dict:
+        return {"epoch": self.epoch, "sessions": len(self.sm.sessions),
+                "blocked_acquires": len(self._acquire_waiters), "initialized": self.sm.cell is not None}
+
+
+def _unwrap(result: Result) -> Any:
+    if result.code != ErrorCode.OK:
+        raise CellError(result.code.name.lower(), result.message)
+    return result.value
+
+
+def _field(req: dict, name: str) -> Any:
+    if name not in req:
+        raise CellError("bad_request", f"missing field {name!r}")
+    return req[name]
+
+
+def _int(req: dict, name: str) -> int:
+    value = _field(req, name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CellError("bad_request", f"{name!r} must be an integer")
+    return value
+
+
+def _mode(value: Any) -> LockMode:
+    try:
+        return LockMode(value) if isinstance(value, int) else LockMode[str(value).upper()]
+    except (KeyError, ValueError):
+        raise CellError("bad_request", f"lock mode must be 'exclusive' or 'shared', not {value!r}") from None

@@ -1,0 +1,74 @@
+"""The client <-> master request format for the Chubby cell (shared by both).
+
+A request is a map `{"id": n, "op": NAME, ...fields}`; the reply is
+`{"id": n, "ok": true, "value": ...}` or `{"id": n, "error": CODE, "message":
+TEXT}`. Results travel as plain maps (dataclass fields by name; a handle is
+its 6-element array), so the client needs none of the cell's classes.
+
+Error codes are the cell's ErrorCode names in lower case (`not_found`,
+`stale_handle`, `permission_denied`, ...), plus the transport-level ones the
+connection layer handles itself (`not_leader`, `retry`, `timeout`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+# Handle calls: op name -> (fields beyond session_id/handle, read-only?)
+HANDLE_OPS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "close": ((), False),
+    "get_contents_and_stat": ((), True),
+    "get_stat": ((), True),
+    "read_dir": ((), True),
+    "set_contents": (("contents", "expected_generation"), False),
+    "set_acl": (("read", "write", "change_acl"), False),
+    "delete": ((), False),
+    "acquire": (("mode",), False),
+    "try_acquire": (("mode",), False),
+    "release": ((), False),
+    "get_sequencer": ((), True),
+    "set_sequencer": (("sequencer",), False),
+}
+
+OPEN_FIELDS = ("path", "intent", "create", "exclusive", "ephemeral", "contents", "acl", "events",
+               "lock_delay_ms")
+
+
+def value_to_wire(value: Any) -> Any:
+    """A cell result value as plain msgpack-able data."""
+    if value is None or isinstance(value, (bool, int, str, bytes, float)):
+        return int(value) if isinstance(value, enum.Enum) else value
+    if hasattr(value, "to_wire") and type(value).__name__ == "HandleRef":
+        return value.to_wire()
+    if dataclasses.is_dataclass(value):
+        return {f.name: value_to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [value_to_wire(v) for v in value]
+    if isinstance(value, dict):
+        return {k: value_to_wire(v) for k, v in value.items()}
+    raise TypeError(f"cannot send {type(value).__name__} to a client")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stat:
+    """A node's metadata as the client sees it."""
+
+    path: str
+    instance: int
+    is_directory: bool
+    ephemeral: bool
+    content_generation: int
+    lock_generation: int
+    acl_generation: int
+    checksum: int
+    size: int
+    acl_read: str
+    acl_write: str
+    acl_change: str
+    child_count: int
+
+    @classmethod
+    def from_wire(cls, m: dict) -> Stat:
+        return cls(**{f.name: m[f.name] for f in dataclasses.fields(cls)})
