@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -27,7 +27,7 @@ import trio
 from ..cell import kv
 from ..raft.node import NodeStoppedError, NotLeaderError, ProposalLostError, RaftNode, bootstrap_storage
 from ..raft import Config, ProposalDroppedError
-from ..raft.types import Message, Role
+from ..raft.types import Message
 from ..storage.raft_storage import DiskStorage
 from ..storage.snapshot import SnapshotFormatError
 from ..storage.wal import WalCorruptionError

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
-from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chubbyfs.sim.cluster import SimConfig, open_cluster
 from chubbyfs.sim.determinism import run_deterministic
@@ -81,12 +82,37 @@ def test_ci_seed_set_has_no_violations() -> None:
     assert not failures, f"failing seeds (replay with python -m chubbyfs.sim replay --seed N): {failures}"
 
 
-def _negative(seed_list: list[int], **config_changes) -> dict[int, list[str]]:
-    found = {}
-    for seed in seed_list:
-        scenario = generate(seed)
-        scenario = replace(scenario, config=replace(scenario.config, **config_changes))
-        result = run_sim(seed, scenario)
-        if result.violations:
-            found[seed] = result.violations
-    return found
+def test_cli_run_matches_in_process_digest() -> None:
+    """The CLI pins PYTHONHASHSEED; the digest must not depend on it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    seed = CI_SEEDS[2]
+    out = subprocess.run(
+        [sys.executable, "-m", "chubbyfs.sim", "run", "--seed", str(seed)],
+        capture_output=True, text=True, timeout=120, check=True, cwd=Path(__file__).resolve().parents[2],
+    ).stdout
+    assert f"digest={run_sim(seed).digest}" in out
+    assert out.strip().endswith("OK")
+
+
+# Hypothesis draws (seed, plan) and can shrink a failing plan step by step.
+_node = st.integers(1, 3)
+_steps = st.one_of(
+    st.builds(lambda t, n: FaultStep(t, "crash", {"node": n}), st.floats(0, 1.5), _node),
+    st.builds(lambda t, n: FaultStep(t, "restart", {"node": n}), st.floats(0, 1.5), _node),
+    st.builds(lambda t, n: FaultStep(t, "pause", {"node": n}), st.floats(0, 1.5), _node),
+    st.builds(lambda t: FaultStep(t, "resume_all"), st.floats(0, 1.5)),
+    st.builds(lambda t: FaultStep(t, "isolate_leader"), st.floats(0, 1.5)),
+    st.builds(lambda t: FaultStep(t, "heal"), st.floats(0, 1.5)),
+    st.builds(lambda t, n: FaultStep(t, "transfer_leader", {"target": n}), st.floats(0, 1.5), _node),
+)
+
+
+@settings(max_examples=12, deadline=None, database=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), plan=st.lists(_steps, max_size=8))
+def test_hypothesis_drawn_plans_are_safe(seed: int, plan: list[FaultStep]) -> None:
+    scenario = Scenario(seed, SimConfig(node_count=3, client_count=2), tuple(plan), 1.5, max_messages=10_000)
+    result = run_sim(seed, scenario)
+    assert result.violations == [], (plan, result.violations)
