@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from chubbyfs.storage.wal import WalCorruptionError
 from chubbyfs.cell.config import (
     ConfigError, load_cell_config, load_cells_file, write_cell_config, write_cells_file,
 )
@@ -232,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"chubbyfs: {exc}", file=sys.stderr)
         return 2
+    except WalCorruptionError as exc:
+        print(f"chubbyfs: refusing to start: the replica's log is corrupt ({exc}). Wipe this replica's data "
+              f"directory and re-add it with 'chubbyfs cell start --join' and 'chubbyfs cell add-voter'.",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -46,10 +46,7 @@ class Replica:
         self.me = cell.replica(replica_id)
         self.data_dir = self.me.data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        fs = RealFS()
-        raft_dir = str(self.data_dir / "raft")
-        fs.mkdir(raft_dir)
-        self.storage = DiskStorage.open(fs, raft_dir)
+        self.storage = DiskStorage.open(RealFS(), str(self.data_dir / "raft"))
         if not join:
             bootstrap_storage(self.storage, [r.id for r in cell.replicas])
         if cell.state_machine == "kv":
@@ -108,8 +105,13 @@ class Replica:
                 # Identity is the configured trusted one the client names
                 # (TLS client certificates replace this later).
                 await self._serve_client(framed, principal if isinstance(principal, str) and principal else "anonymous")
-        except (EOFError, FrameError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+        except (EOFError, FrameError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                OSError) as exc:
             log.debug("connection ended: %s", exc)
+        except Exception:
+            # One connection's failure must never take the replica down
+            # (trio.serve_tcp would end on an escaping exception).
+            log.exception("connection handler failed")
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -120,9 +122,13 @@ class Replica:
             while True:
                 try:
                     request = await framed.receive()
-                except EOFError:
+                except (EOFError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    log.debug("client connection ended: %s", exc)
                     break
                 nursery.start_soon(self._answer, framed, request, principal)
+            # The client is gone: nobody is left to answer, so stop waiting
+            # (a blocked Acquire, say) on its behalf.
+            nursery.cancel_scope.cancel()
 
     async def _answer(self, framed: FramedStream, request: Any, principal: str) -> None:
         if not isinstance(request, dict) or not isinstance(request.get("op"), str):
