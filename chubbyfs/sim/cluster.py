@@ -63,6 +63,7 @@ class SimConfig:
     client_think_seconds: float = 0.02  # mean pause between a client's ops
     lying_fsync: bool = False  # negative control: SimFS acknowledges fsync without persisting
     unsafe_commit_previous_term: bool = False  # negative control: Raft commits old-term entries by counting
+    unsafe_local_reads: bool = False  # negative control: clients read any replica's state machine directly
     liveness_seconds: float = 6.0  # bound for recovery after the final heal
     # Livelock guard: a run is stopped (and fails) when it delivers more than
     # this many messages in all, or more than storm_messages_per_second for
@@ -255,7 +256,10 @@ class SimClient:
                     await trio.sleep(cluster.config.tick_seconds)
                     continue
                 try:
-                    result = await node.read(("get", key))
+                    if cluster.config.unsafe_local_reads:
+                        result = self._unsafe_local_read(key)
+                    else:
+                        result = await node.read(("get", key))
                 except NotLeaderError as exc:
                     self._redirect(exc)
                     await trio.sleep(cluster.config.tick_seconds)
@@ -271,6 +275,13 @@ class SimClient:
         # not happen" as far as linearizability is concerned.
         history.fail(self.process, "timeout", trio.current_time())
         return "fail", None
+
+    def _unsafe_local_read(self, key: str) -> Any:
+        """The "serve reads without ReadIndex or lease" bug: answer from
+        whichever up replica the dice pick, however stale."""
+        rng = self.cluster.rng.stream(f"client-{self.id}")
+        up = [n for n in self.cluster.nodes.values() if n.raft is not None]
+        return up[rng.randrange(len(up))].raft.state_machine.query(("get", key))
 
     async def _write_once(self, f: str, key: str, args: Any, command: bytes) -> str:
         """Returns "ok", "fail" (certainly not applied) or "info" (unknown)."""

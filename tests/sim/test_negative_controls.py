@@ -148,3 +148,13 @@ def test_commit_previous_term_bug_is_caught() -> None:
 def test_figure8_schedule_is_clean_with_correct_raft() -> None:
     for seed in FIGURE8_SEEDS:
         assert _run_figure8(False, seed) == []
+
+
+def test_stale_reads_are_caught_by_linearizability() -> None:
+    """Reads served by any replica without ReadIndex or a lease (the etcd
+    0.4 bug) must make some key's history non-linearizable."""
+    for seed in range(3):
+        scenario = generate(seed, kinds=("partition", "isolate_leader", "pause_leader"))
+        scenario = replace(scenario, config=replace(scenario.config, unsafe_local_reads=True))
+        violations = run_sim(seed, scenario).violations
+        assert any("linearizability" in v for v in violations), (seed, violations)
