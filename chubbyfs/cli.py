@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     for c in (get, put):
         _client_options(c)
         c.set_defaults(func=lambda a: trio.run(_kv, a))
+
+    from chubbyfs.cli_nodes import add_parsers
+
+    add_parsers(sub, _client_options)
     return p
 
 

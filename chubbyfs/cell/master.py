@@ -212,8 +212,10 @@ class CellService:
         if op == "create_session":
             sid = next(self._session_ids)
             now = self.clock_ms()
-            return await self._propose(c.CreateSession(now_ms=now, session_id=sid,
-                                                       lease_end_ms=now + self.session_lease_ms))
+            created = await self._propose(c.CreateSession(now_ms=now, session_id=sid,
+                                                          lease_end_ms=now + self.session_lease_ms))
+            return {"session_id": created.session_id, "lease_end_ms": created.lease_end_ms,
+                    "lease_ms": self.session_lease_ms}
         if op == "keep_alive":
             return await self._keep_alive(_int(req, "session_id"))
         if op == "end_session":

@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 
 import trio
 
+from chubbyfs._trio_util import single_errors
 from chubbyfs.wire.framing import FrameError
 from chubbyfs.wire.stream import FramedStream, open_framed, parse_address
 
@@ -177,10 +178,11 @@ class CellConnection:
 
 @asynccontextmanager
 async def open_cell_connection(addresses: list[str], **kwargs: Any) -> AsyncIterator[CellConnection]:
-    async with trio.open_nursery() as nursery:
-        conn = CellConnection(addresses, nursery, **kwargs)
-        try:
-            yield conn
-        finally:
-            await conn.aclose()
-            nursery.cancel_scope.cancel()
+    with single_errors():
+        async with trio.open_nursery() as nursery:
+            conn = CellConnection(addresses, nursery, **kwargs)
+            try:
+                yield conn
+            finally:
+                await conn.aclose()
+                nursery.cancel_scope.cancel()
