@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/raft.py [--duration 10] [--clients 1,8,64] [--trials 5]
                                    [--skip-etcd] [--skip-chubbyfs] [--json [FILE]]
-                                   [--clients-per-proc 16] [--py-spy DIR]
+                                   [--rounds 1] [--clients-per-proc 16] [--py-spy DIR]
 
 For each system, a 3-replica cell on 127.0.0.1 with fsync on (both systems'
 defaults): N concurrent clients each doing sequential puts of a 100-byte value
@@ -198,6 +198,8 @@ class Point:
     server_runq_wait_us_per_write: float
     client_procs: int
     errors: int
+    # With --rounds: writes/s of every round; the other fields are the median round's.
+    rounds_writes_per_s: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -318,11 +320,11 @@ async def failover_trial(put: Callable[[str], Awaitable[None]], kill_leader: Cal
 
 # ---- chubbyfs ------------------------------------------------------------------------------
 
-def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str) -> dict:
+def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str, trials: int) -> dict:
     from chubbyfs.client.connection import open_cell_connection
     from chubbyfs.testing.localcell import LocalCell
 
-    directory = workdir / "chubbyfs"
+    directory = workdir / f"chubbyfs-{run_id}"
     directory.mkdir()
     # The replicated register (put/get) isolates the log from the Chubby namespace.
     cell = LocalCell(directory, 3, name="bench", state_machine="kv")
@@ -367,7 +369,7 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str) -> dict
                 async def put(key: str) -> None:
                     await conn.call("put", key=key, value=VALUE)
 
-                for trial in range(args.trials):
+                for trial in range(trials):
                     leader = await cell.wait_for_leader(conn, timeout_s=60)
 
                     async def kill_leader(leader: int = leader) -> float:
@@ -394,7 +396,7 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str) -> dict
                     await cell.wait_caught_up(conn, leader, commit, timeout_s=60)
             return result
 
-        failover = trio.run(failovers) if args.trials else Failover()
+        failover = trio.run(failovers) if trials else Failover()
     finally:
         cell.stop_all()
     return {"points": points, "failover": failover, "profiles": profiles}
@@ -402,12 +404,12 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str) -> dict
 
 # ---- etcd ----------------------------------------------------------------------------------
 
-def bench_etcd(args: argparse.Namespace, workdir: Path, run_id: str) -> dict:
+def bench_etcd(args: argparse.Namespace, workdir: Path, run_id: str, trials: int) -> dict:
     from _etcd import EtcdClient, EtcdCluster, ensure_etcd_installed, etcd_version
     from chubbyfs.testing.localcell import free_ports
 
     binary = ensure_etcd_installed()
-    directory = workdir / "etcd"
+    directory = workdir / f"etcd-{run_id}"
     directory.mkdir()
     ports = free_ports(6)
     cluster = EtcdCluster(directory, binary, ports[:3], ports[3:])
@@ -434,7 +436,7 @@ def bench_etcd(args: argparse.Namespace, workdir: Path, run_id: str) -> dict:
 
         async def failovers() -> Failover:
             result = Failover()
-            for trial in range(args.trials):
+            for trial in range(trials):
                 leader = await cluster.wait_for_leader(timeout_s=60)
                 client = EtcdClient(addresses_from(leader), attempt_timeout_s=FAILOVER_ATTEMPT_TIMEOUT_S)
 
@@ -466,7 +468,7 @@ def bench_etcd(args: argparse.Namespace, workdir: Path, run_id: str) -> dict:
                 await wait_etcd_member_caught_up(cluster, leader)
             return result
 
-        failover = trio.run(failovers) if args.trials else Failover()
+        failover = trio.run(failovers) if trials else Failover()
         version = etcd_version(binary)
     finally:
         cluster.stop_all()
@@ -481,6 +483,21 @@ async def wait_etcd_member_caught_up(cluster: Any, member: int, timeout_s: float
             if lst and mst and int(mst["raftAppliedIndex"]) >= int(lst["raftIndex"]) - 1:
                 return
             await trio.sleep(0.05)
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One result per system: for each client count, the round with the median
+    writes/s (so that its latency and CPU figures belong together)."""
+    merged = dict(rounds[-1])  # failover, version and profiles come from the last round
+    points = []
+    for i in range(len(rounds[0]["points"])):
+        candidates = sorted((r["points"][i] for r in rounds), key=lambda p: p.writes_per_s)
+        median = candidates[(len(candidates) - 1) // 2]
+        median.rounds_writes_per_s = [r["points"][i].writes_per_s for r in rounds]
+        points.append(median)
+    merged["points"] = points
+    merged["profiles"] = [path for r in rounds for path in r.get("profiles", [])]
+    return merged
 
 
 # ---- profiling (investigation only) ---------------------------------------------------------
@@ -530,7 +547,8 @@ def top_functions(collapsed: Path, limit: int = 25) -> list[tuple[str, float, fl
 def format_table(results: dict, args: argparse.Namespace) -> str:
     systems = [s for s in ("chubbyfs", "etcd") if s in results]
     lines = [f"Replicated log, 3 replicas on 127.0.0.1, fsync on, {len(VALUE)}-byte puts to distinct keys, "
-             f"{args.duration:g} s per point, {os.cpu_count()} cores"]
+             f"{args.duration:g} s per point, {os.cpu_count()} cores"
+             + (f", median of {args.rounds} rounds" if args.rounds > 1 else "")]
     if "etcd" in results:
         lines[0] += f", etcd {results['etcd']['version']}"
     head = f"{'clients':>7}"
@@ -549,6 +567,11 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
             a, b = (results[s]["points"][i].writes_per_s for s in systems)
             row += f" | {a / b if b else float('nan'):>5.2f}"
         lines.append(row)
+    if args.rounds > 1:
+        for s in systems:
+            lines.append(f"  {s} writes/s per round: " + "; ".join(
+                f"{p.clients}c " + ", ".join(f"{w:.0f}" for w in p.rounds_writes_per_s)
+                for p in results[s]["points"]))
     if args.trials:
         lines.append("")
         lines.append("failover: kill -9 of the leader -> first write acknowledged (median; all trials; "
@@ -577,7 +600,7 @@ def to_json(results: dict, args: argparse.Namespace) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
                     "load_average_at_end": os.getloadavg()},
-        "duration_s": args.duration, "value_bytes": len(VALUE), "replicas": 3,
+        "duration_s": args.duration, "rounds": args.rounds, "value_bytes": len(VALUE), "replicas": 3,
     }
     for s, r in results.items():
         out[s] = {
@@ -608,6 +631,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per throughput point (default 10)")
     ap.add_argument("--clients", default="1,8,64", help="concurrent client counts (default 1,8,64)")
     ap.add_argument("--trials", type=int, default=5, help="failover trials per system (default 5; 0 skips)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the throughput points N times, alternating which system goes first, "
+                    "and report the median round per point (failover runs in the last round; default 1)")
     ap.add_argument("--skip-etcd", action="store_true", help="benchmark chubbyfs only")
     ap.add_argument("--skip-chubbyfs", action="store_true", help="benchmark etcd only")
     ap.add_argument("--json", nargs="?", const="-", metavar="FILE",
@@ -625,8 +651,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("--clients takes a comma-separated list of integers, e.g. 1,8,64")
     if not args.clients or any(c <= 0 for c in args.clients):
         ap.error("--clients needs positive counts")
-    if args.duration <= 0 or args.trials < 0 or args.clients_per_proc <= 0:
-        ap.error("--duration and --clients-per-proc must be positive, --trials at least 0")
+    if args.duration <= 0 or args.trials < 0 or args.clients_per_proc <= 0 or args.rounds <= 0:
+        ap.error("--duration, --clients-per-proc and --rounds must be positive, --trials at least 0")
     if args.skip_etcd and args.skip_chubbyfs:
         ap.error("nothing to run: both systems skipped")
     return args
@@ -638,13 +664,21 @@ def main(argv: list[str]) -> int:
         trio.run(_worker_main)
         return 0
     run_id = f"b{int(time.time())}"
-    results: dict[str, dict] = {}
+    systems = [name for name, skip in (("chubbyfs", args.skip_chubbyfs), ("etcd", args.skip_etcd)) if not skip]
+    runners = {"chubbyfs": bench_chubbyfs, "etcd": bench_etcd}
+    rounds: dict[str, list[dict]] = {name: [] for name in systems}
     with tempfile.TemporaryDirectory(prefix="chubbyfs-bench-") as tmp:
         workdir = Path(tmp)
-        if not args.skip_chubbyfs:
-            results["chubbyfs"] = bench_chubbyfs(args, workdir, run_id)
-        if not args.skip_etcd:
-            results["etcd"] = bench_etcd(args, workdir, run_id)
+        for r in range(args.rounds):
+            # Alternate the order so that neither system always runs first,
+            # while the other load on the machine drifts.
+            order = systems if r % 2 == 0 else systems[::-1]
+            last = r == args.rounds - 1
+            for name in order:
+                if args.rounds > 1:
+                    log(f"round {r + 1}/{args.rounds}: {name}")
+                rounds[name].append(runners[name](args, workdir, f"{run_id}r{r}", args.trials if last else 0))
+    results = {name: merge_rounds(rounds[name]) for name in systems}
     if args.json:
         text = json.dumps(_no_nan(to_json(results, args)), indent=2)
         if args.json == "-":
