@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from chubbyfs.client.connection import CellError
-from chubbyfs.client.session import Handle, Session, cell_of, open_session
+from chubbyfs.client.session import Session, cell_of, open_session
 from chubbyfs.locks import Sequencer, SequencerError
 from chubbyfs.wire.cell_protocol import Stat
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from chubbyfs.raft.node import NodeStoppedError, ProposalLostError, RaftNode, bootstrap_storage
+from chubbyfs.raft.node import ProposalLostError, ProposalOutcomeUnknownError, RaftNode, bootstrap_storage
 from chubbyfs.raft.rawnode import Config, NotLeaderError, ProposalDroppedError
 from chubbyfs.raft.tcp_transport import TcpTransport
 from chubbyfs.storage.fs import RealFS
@@ -159,7 +159,7 @@ class Replica:
             return {"error": "lost", "message": str(exc)}
         except ProposalDroppedError as exc:
             return {"error": "retry", "message": str(exc) or "proposal dropped; retry"}
-        except NodeStoppedError as exc:
+        except ProposalOutcomeUnknownError as exc:  # includes the replica stopping
             return {"error": "unavailable", "message": str(exc)}
         except (KeyError, ValueError, TypeError) as exc:
             return {"error": "bad_request", "message": f"{type(exc).__name__}: {exc}"}

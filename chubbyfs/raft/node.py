@@ -38,6 +38,7 @@ __all__ = [
     "NodeStoppedError",
     "NotLeaderError",
     "ProposalLostError",
+    "ProposalOutcomeUnknownError",
     "RaftNode",
     "StateMachine",
     "Transport",
@@ -50,7 +51,12 @@ class ProposalLostError(Exception):
     definitely not applied, so the client may retry."""
 
 
-class NodeStoppedError(Exception):
+class ProposalOutcomeUnknownError(Exception):
+    """The proposal may or may not have been applied (its position was covered
+    by a snapshot from the leader before this replica applied it)."""
+
+
+class NodeStoppedError(ProposalOutcomeUnknownError):
     """The replica's loop ended while the request was outstanding; its outcome
     is unknown."""
 
@@ -337,7 +343,7 @@ class RaftNode:
         # Proposals at or below the snapshot index were decided elsewhere; we
         # cannot tell which of them survived.
         for index in [i for i in self._proposals if i <= snap.meta.index]:
-            self._proposals.pop(index).resolve(error=ProposalLostError(
+            self._proposals.pop(index).resolve(error=ProposalOutcomeUnknownError(
                 f"entry {index} was superseded by a snapshot; outcome unknown"))
         if self._trace:
             self._trace("restore", {"index": snap.meta.index, "term": snap.meta.term})

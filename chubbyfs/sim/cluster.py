@@ -25,7 +25,9 @@ from typing import Any
 import trio
 
 from ..cell import kv
-from ..raft.node import NodeStoppedError, NotLeaderError, ProposalLostError, RaftNode, bootstrap_storage
+from ..raft.node import (
+    NodeStoppedError, NotLeaderError, ProposalLostError, ProposalOutcomeUnknownError, RaftNode, bootstrap_storage,
+)
 from ..raft import Config, ProposalDroppedError
 from ..raft.types import Message
 from ..storage.raft_storage import DiskStorage
@@ -309,9 +311,13 @@ class SimClient:
                     # under way): certainly not applied, so retry shortly.
                     await trio.sleep(cluster.config.tick_seconds)
                     continue
-                except (NodeStoppedError, ProposalLostError) as exc:
-                    # ProposalLostError can mean "superseded by a snapshot,
-                    # outcome unknown", so it is never taken as a definite fail.
+                except ProposalLostError:
+                    # Another leader's entry took its place: certainly not
+                    # applied, so retry like a refusal.
+                    self._redirect(None)
+                    await trio.sleep(cluster.config.tick_seconds)
+                    continue
+                except ProposalOutcomeUnknownError as exc:  # includes NodeStoppedError
                     self._redirect(None)
                     detail = type(exc).__name__
                     break

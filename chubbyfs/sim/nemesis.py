@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..raft import ProposalDroppedError
-from ..raft.node import NodeStoppedError, NotLeaderError, ProposalLostError
+from ..raft.node import NotLeaderError, ProposalLostError, ProposalOutcomeUnknownError
 
 if TYPE_CHECKING:
     from .cluster import SimCluster
@@ -100,7 +100,7 @@ async def membership_change(cluster: SimCluster, op: str, node_id: int) -> bool:
                 await raft.add_voter(node_id)
             cluster.log(f"nemesis {op} n{node_id}: committed")
             return True
-        except (NotLeaderError, ProposalDroppedError, ProposalLostError, NodeStoppedError, ValueError,
+        except (NotLeaderError, ProposalDroppedError, ProposalLostError, ProposalOutcomeUnknownError, ValueError,
                 RuntimeError) as exc:
             # Membership changes are refused while another is pending, or
             # by a replica that lost leadership: both are normal under faults.

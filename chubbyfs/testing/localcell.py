@@ -6,12 +6,10 @@ Each replica is its own `python -m chubbyfs cell start` process so a test can
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import trio
