@@ -137,7 +137,7 @@ class SimNode:
             config=raft_config,
             storage=storage,
             transport=cluster.network.transport(self.id),
-            state_machine=kv.KVStateMachine(),
+            state_machine=self._make_state_machine(),
             rng=cluster.rng.fresh(f"node-{self.id}-{incarnation}"),
             tick_seconds=cfg.tick_seconds,
             snapshot_every=cfg.snapshot_every,
@@ -151,6 +151,11 @@ class SimNode:
         cluster.network.attach(self.id, node.deliver)
         cluster._nursery.start_soon(self._run, node, self._scope, incarnation)
         cluster.log(f"n{self.id} start incarnation={incarnation} last_index={storage.last_index()}")
+
+    def _make_state_machine(self) -> Any:
+        """The state machine of a new incarnation: the register here; the cell
+        simulation (sim/cell) substitutes the Chubby cell's."""
+        return kv.KVStateMachine()
 
     async def _run(self, node: RaftNode, scope: trio.CancelScope, incarnation: int) -> None:
         with scope:
