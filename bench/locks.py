@@ -1,7 +1,7 @@
 """Benchmark of locks and CAS writes: chubbyfs beside ZooKeeper and etcd, same workload, same run.
 
     .venv/bin/python bench/locks.py [--duration 10] [--contenders 2,8] [--writers 1,8]
-                                    [--skip-zk] [--skip-etcd] [--skip-chubbyfs]
+                                    [--skip-zk] [--skip-etcd] [--skip-chubbyfs] [--rounds 1]
                                     [--json [FILE]] [--py-spy DIR]
 
 Each system runs 3 replicas on 127.0.0.1 with fsync on, in a temporary
@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -317,6 +317,8 @@ class Point:
     other_cpu_percent: float  # machine CPU used by neither the servers nor our clients
     errors: int
     first_error: str
+    # With --rounds: the rate of every round; the other fields are the median round's.
+    rounds_ops_per_s: list[float] = field(default_factory=list)
 
 
 def handoff_stats(cycles: list[list[float]], t0: float, t1: float) -> tuple[list[float], list[float], int]:
@@ -426,7 +428,7 @@ def run_plan(system: str, args: argparse.Namespace, connect: dict, server_pids: 
         profile = None
         if profile_pid is not None and args.py_spy:
             def profile(name: str = f"{system}-{workload}-{n}") -> Callable[[], None]:
-                return start_profiler(args, profile_pid, name)
+                return start_profiler(args, profile_pid, f"{name}-{len(args.profiles)}")
         point = run_point(system, workload, connect, server_pids, n, args.duration, profile)
         extra = (f"gap p50 {point.gap_p50_ms:.2f} ms, exclusion violations {point.exclusion_violations}"
                  if workload == "handoff" else f"conflicts {point.conflicts}")
@@ -517,6 +519,20 @@ def bench_etcd(args: argparse.Namespace, workdir: Path) -> dict:
     return {"points": points, "version": version, "client": "v3 JSON gateway"}
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """Per point, the round with the median rate, so that its latency and CPU
+    figures belong together; every round's rate is kept beside it."""
+    merged = dict(rounds[-1])
+    points = []
+    for i in range(len(rounds[0]["points"])):
+        candidates = sorted((r["points"][i] for r in rounds), key=lambda p: p.ops_per_s)
+        median = candidates[(len(candidates) - 1) // 2]
+        median.rounds_ops_per_s = [r["points"][i].ops_per_s for r in rounds]
+        points.append(median)
+    merged["points"] = points
+    return merged
+
+
 # ---- profiling (investigation only) ---------------------------------------------------------
 
 def start_profiler(args: argparse.Namespace, pid: int, name: str) -> Callable[[], None]:
@@ -546,7 +562,8 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
     systems = [s for s in SYSTEMS if s in results]
     versions = ", ".join(f"{s} {results[s]['version']}" for s in systems)
     lines = [f"Locks and CAS writes, 3 replicas each on 127.0.0.1, fsync on, {args.duration:g} s per point, "
-             f"{os.cpu_count()} cores, one client process per contender/writer ({versions})", ""]
+             f"{os.cpu_count()} cores, one client process per contender/writer ({versions})"
+             + (f", median of {args.rounds} rounds" if args.rounds > 1 else ""), ""]
     zk = {(p.workload, p.clients): p for p in results["zookeeper"]["points"]} if "zookeeper" in results else {}
 
     def ratio(p: Point) -> str:
@@ -578,6 +595,12 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
             lines.append(f"{label:<14} {s:<9} | {p.ops_per_s:>11.0f} {_num(p.p50_ms, 2):>8} "
                          f"{_num(p.p99_ms, 2):>8} {p.conflicts_per_s:>8.0f} {'':>8} "
                          f"{_num(p.server_cpu_ms_per_op, 2):>9} {'':>4} {p.errors:>4} | {ratio(p):>5}")
+    if args.rounds > 1:
+        lines.append("")
+        for s in systems:
+            lines.append(f"{s} rate per round: " + "; ".join(
+                f"{p.workload} {p.clients}: " + ", ".join(f"{x:.0f}" for x in p.rounds_ops_per_s)
+                for p in results[s]["points"]))
     lines += [
         "",
         "acq: acquire call -> lock granted (includes waiting behind the other contenders); gap: holder calls "
@@ -597,7 +620,7 @@ def to_json(results: dict, args: argparse.Namespace) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
                     "load_average_at_end": os.getloadavg()},
-        "duration_s": args.duration, "value_bytes": len(VALUE), "replicas": 3,
+        "duration_s": args.duration, "rounds": args.rounds, "value_bytes": len(VALUE), "replicas": 3,
     }
     for s, r in results.items():
         out[s] = {"version": r["version"], "points": [asdict(p) for p in r["points"]]}
@@ -638,6 +661,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--skip-zk", action="store_true", help="leave ZooKeeper out")
     ap.add_argument("--skip-etcd", action="store_true", help="leave etcd out")
     ap.add_argument("--skip-chubbyfs", action="store_true", help="leave chubbyfs out")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every system N times, rotating which goes first, and report per point the "
+                    "round with the median rate (default 1)")
     ap.add_argument("--json", nargs="?", const="-", metavar="FILE",
                     help="print the results as JSON instead of the table; with FILE, write the JSON there "
                     "and print the table as well")
@@ -649,8 +675,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         return args
     args.contenders = _counts(ap, args.contenders, "--contenders")
     args.writers = _counts(ap, args.writers, "--writers")
-    if args.duration <= 0:
-        ap.error("--duration must be positive")
+    if args.duration <= 0 or args.rounds <= 0:
+        ap.error("--duration and --rounds must be positive")
     if args.skip_zk and args.skip_etcd and args.skip_chubbyfs:
         ap.error("nothing to run: every system skipped")
     args.profiles = []
@@ -664,11 +690,19 @@ def main(argv: list[str]) -> int:
         return 0
     runners = {"chubbyfs": bench_chubbyfs, "zookeeper": bench_zookeeper, "etcd": bench_etcd}
     skipped = {"chubbyfs": args.skip_chubbyfs, "zookeeper": args.skip_zk, "etcd": args.skip_etcd}
-    results = {}
+    systems = [name for name in SYSTEMS if not skipped[name]]
+    rounds: dict[str, list[dict]] = {name: [] for name in systems}
     with tempfile.TemporaryDirectory(prefix="chubbyfs-bench-locks-") as tmp:
-        for name in SYSTEMS:
-            if not skipped[name]:
-                results[name] = runners[name](args, Path(tmp))
+        for r in range(args.rounds):
+            # Rotate the order so that no system always runs first while the
+            # other load on the machine drifts.
+            for name in systems[r % len(systems):] + systems[:r % len(systems)]:
+                if args.rounds > 1:
+                    log(f"round {r + 1}/{args.rounds}: {name}")
+                workdir = Path(tmp) / f"r{r}"
+                workdir.mkdir(exist_ok=True)
+                rounds[name].append(runners[name](args, workdir))
+    results = {name: merge_rounds(rounds[name]) for name in systems}
     if args.json:
         text = json.dumps(to_json(results, args), indent=2)
         if args.json == "-":
