@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     from chubbyfs.cli_nodes import add_parsers
 
     add_parsers(sub, _client_options)
+    from chubbyfs.cli_mount import add_parsers as add_mount_parsers
+
+    add_mount_parsers(sub)
     return p
 
 

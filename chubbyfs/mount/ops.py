@@ -1,0 +1,997 @@
+"""`ChubbyOperations`: filesystem requests from the kernel, answered by cells.
+
+Layout: the mount root lists the cells of the cells file; `<root>/<cell>/x`
+is the Chubby node `/ls/<cell>/x`; `<root>/<cell>/.chubby/` holds read-only
+files describing the requesting user's session. Every request acts for the
+user who made it (one session per (cell, user), `sessions.py`); the cell
+enforces ACLs.
+
+Open files read and write whole contents (`files.py`) and are opened with
+FOPEN_DIRECT_IO, so the kernel keeps no pages: every `cat` reads what the
+cell holds now. Attribute and entry timeouts default to 0 until the client
+library delivers the master's invalidations; `on_invalidate` and `on_event`
+are the hooks that will receive them (see docs/mount.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import pwd
+import select
+import stat as st
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from chubbyfs.client.connection import CellConnection, CellError, CellUnavailableError
+from chubbyfs.client.session import Handle
+from chubbyfs.fuse import abi
+from chubbyfs.fuse import requests as rq
+from chubbyfs.fuse.errors import FuseError
+from chubbyfs.fuse.ops import Operations, RequestContext
+from chubbyfs.fuse.replies import (
+    Attr, AttrOut, CreateOut, DirEntry, DirEntryPlus, DirentBuffer, EntryOut, NotifyInvalEntry,
+    NotifyInvalInode, NotifyPoll, OpenOut, StatfsOut, dirent_type,
+)
+from chubbyfs.fuse.requests import FileLock
+from chubbyfs.fuse.session import FuseSession
+from chubbyfs.wire.cell_protocol import Stat
+
+from .errors import BadName, check_name, errno_for
+from .files import FileBuffer, NeedContents
+from .inodes import CONTROL_DIR, CONTROL_FILES, ROOT_INO, Inode, InodeTable
+from .sessions import SessionPool, UserSession
+
+log = logging.getLogger("chubbyfs.mount")
+
+EVENT_CONTENTS_MODIFIED = 1
+EVENT_HANDLE_INVALID = 16
+FILE_EVENTS = EVENT_CONTENTS_MODIFIED | EVENT_HANDLE_INVALID
+XATTR_PREFIX = "user.chubby."
+READONLY_XATTRS = ("instance", "content_gen", "lock_gen", "acl_gen", "checksum", "ephemeral")
+ACL_XATTRS = ("acl.read", "acl.write", "acl.change")
+DEFAULT_LOCK_DELAY_MS = 15_000
+MAX_LOCK_DELAY_MS = 60_000
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+DIR_MODE = st.S_IFDIR | 0o755
+FILE_MODE = st.S_IFREG | 0o644
+
+
+@dataclass(frozen=True, slots=True)
+class MountConfig:
+    attr_timeout_s: float = 0.0
+    entry_timeout_s: float = 0.0
+    max_file_bytes: int = 256 * 1024
+
+
+@dataclass(slots=True)
+class LockSlot:
+    """One lock owner's lock on one open file: its own Chubby handle with the
+    LOCK intent, opened at the first lock request."""
+
+    is_flock: bool
+    handle: Handle | None = None
+    mode: str | None = None  # "exclusive" / "shared" while held
+    sequencer: str | None = None
+    pid: int = 0
+
+
+@dataclass(slots=True)
+class OpenFile:
+    fh: int
+    ino: int
+    cell: str
+    path: str
+    us: UserSession | None  # None for control files
+    handle: Handle | None
+    buffer: FileBuffer | None
+    writable: bool
+    pid: int
+    control_data: bytes = b""
+    locks: dict[tuple[int, bool], LockSlot] = field(default_factory=dict)
+    poll_khs: set[int] = field(default_factory=set)
+    events_pending: bool = False
+    bound_sequencer: str | None = None
+
+
+@dataclass(slots=True)
+class OpenDir:
+    fh: int
+    ino: int
+    listing: list[tuple[bytes, int, int, Stat | None]] | None = None  # name, ino, mode, stat
+
+
+@contextlib.contextmanager
+def cell_errors(what: str) -> Iterator[None]:
+    """Turn the cell's refusal into the errno the caller sees."""
+    try:
+        yield
+    except CellError as exc:
+        err = errno_for(exc.code, exc.message)
+        log.debug("%s: %s -> %s", what, exc, errno.errorcode.get(err, err))
+        raise FuseError(err, f"{what}: {exc}") from None
+    except BadName as exc:
+        raise FuseError(exc.errno, f"{what}: {exc}") from None
+
+
+class ChubbyOperations(Operations):
+    def __init__(self, pool: SessionPool, config: MountConfig | None = None) -> None:
+        self.pool = pool
+        self.config = config or MountConfig()
+        self.cells = sorted(pool.cells)
+        self.inodes = InodeTable(self.cells)
+        self.session: FuseSession | None = None  # set once mounted (for notifications)
+        self.files: dict[int, OpenFile] = {}
+        self.dirs: dict[int, OpenDir] = {}
+        self._next_fh = 1
+        self.lock_delays: dict[tuple[str, str], int] = {}  # (cell, path) -> ms for later opens
+        self.cas_arms: dict[tuple[int, str], int] = {}  # (ino, principal) -> generation
+        self._principals: dict[int, str] = {}
+        self._started_ns = time.time_ns()
+        self._attr_ns = int(self.config.attr_timeout_s * 1e9)
+        self._entry_ns = int(self.config.entry_timeout_s * 1e9)
+
+    # ----------------------------------------------------------------- identity
+
+    def principal(self, uid: int) -> str:
+        name = self._principals.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = f"uid{uid}"
+            self._principals[uid] = name
+        return name
+
+    async def user_session(self, ctx: RequestContext, cell: str) -> UserSession:
+        with cell_errors(f"session in {cell}"):
+            return await self.pool.get(cell, self.principal(ctx.uid))
+
+    # ------------------------------------------------------------------ inodes
+
+    def inode(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            raise FuseError(errno.ESTALE, f"unknown inode {ino}")
+        return inode
+
+    def _fh(self) -> int:
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
+        return fh
+
+    def _mode(self, stat: Stat) -> int:
+        mode = DIR_MODE if stat.is_directory else FILE_MODE
+        return mode | st.S_ISVTX if stat.ephemeral else mode
+
+    def _attr(self, ino: int, stat: Stat, size: int | None = None) -> Attr:
+        return Attr(ino=ino, mode=self._mode(stat), nlink=2 if stat.is_directory else 1,
+                    size=stat.size if size is None else size, atime_ns=self._started_ns,
+                    mtime_ns=self._started_ns, ctime_ns=self._started_ns)
+
+    def _virtual_attr(self, inode: Inode) -> Attr:
+        mode = DIR_MODE if inode.is_dir else st.S_IFREG | 0o444
+        return Attr(ino=inode.ino, mode=mode, nlink=2 if inode.is_dir else 1,
+                    atime_ns=self._started_ns, mtime_ns=self._started_ns, ctime_ns=self._started_ns)
+
+    def _entry(self, inode: Inode, attr: Attr) -> EntryOut:
+        return EntryOut(inode.ino, attr, entry_valid_ns=self._entry_ns, attr_valid_ns=self._attr_ns)
+
+    def _node_entry(self, cell: str, stat: Stat) -> EntryOut:
+        """An entry for the kernel: takes one lookup reference."""
+        inode = self.inodes.node(cell, stat.instance, stat.path, stat.is_directory)
+        self.inodes.ref(inode.ino)
+        return self._entry(inode, self._attr(inode.ino, stat))
+
+    async def _child_stat(self, us: UserSession, parent: Inode, name: str) -> Stat:
+        path = f"{parent.path}/{name}"
+        with cell_errors(f"lookup {path}"):
+            try:
+                entries = await us.reads.list(parent.path)
+            except CellError as exc:
+                if exc.code != "permission_denied":
+                    raise
+                # No right to list the directory; the node itself may still
+                # be readable: ask for it directly.
+                async with await us.session.open(path, read=True) as h:
+                    return h.stat
+        for entry in entries:
+            if entry.name == name:
+                return entry.stat
+        raise FuseError(errno.ENOENT)
+
+    def _is_cell_root(self, inode: Inode) -> bool:
+        return inode.virtual is None and inode.path == f"/ls/{inode.cell}"
+
+    # ---------------------------------------------------------------- namespace
+
+    async def lookup(self, ctx: RequestContext, req: rq.Lookup) -> EntryOut:
+        parent = self.inode(req.nodeid)
+        if not parent.is_dir:
+            raise FuseError(errno.ENOTDIR)
+        if parent.virtual == "root":
+            cell = req.name.decode("utf-8", "replace")
+            if not self.inodes.has_cell(cell):
+                raise FuseError(errno.ENOENT)
+            us = await self.user_session(ctx, cell)
+            with cell_errors(f"lookup cell {cell}"):
+                return self._node_entry(cell, await us.reads.stat(f"/ls/{cell}"))
+        if parent.virtual == "control":
+            inode = self.inodes.control_file(parent.cell, req.name.decode("utf-8", "replace"))
+            if inode is None:
+                raise FuseError(errno.ENOENT)
+            return self._entry(inode, self._virtual_attr(inode))
+        with cell_errors("lookup"):
+            name = check_name(req.name)
+        if name == CONTROL_DIR and self._is_cell_root(parent):
+            inode = self.inodes.control_dir(parent.cell)
+            return self._entry(inode, self._virtual_attr(inode))
+        us = await self.user_session(ctx, parent.cell)
+        stat = await self._child_stat(us, parent, name)
+        return self._node_entry(parent.cell, stat)
+
+    async def forget(self, ctx: RequestContext, req: rq.Forget) -> None:
+        self.inodes.forget(req.nodeid, req.nlookup)
+
+    async def getattr(self, ctx: RequestContext, req: rq.GetAttr) -> AttrOut:
+        inode = self.inode(req.nodeid)
+        if inode.virtual is not None:
+            return AttrOut(self._virtual_attr(inode), attr_valid_ns=self._attr_ns)
+        f = self.files.get(req.fh) if req.has_fh else None
+        if f is not None and f.handle is not None:
+            self._check_alive(f)
+            with cell_errors(f"getattr {f.path}"):
+                stat = await f.handle.get_stat()
+            size = f.buffer.size() if f.buffer is not None and f.buffer.dirty else None
+            return AttrOut(self._attr(inode.ino, stat, size), attr_valid_ns=self._attr_ns)
+        stat = await self._stat_inode(ctx, inode)
+        return AttrOut(self._attr(inode.ino, stat), attr_valid_ns=self._attr_ns)
+
+    async def _stat_inode(self, ctx: RequestContext, inode: Inode) -> Stat:
+        us = await self.user_session(ctx, inode.cell)
+        with cell_errors(f"stat {inode.path}"):
+            try:
+                stat = await us.reads.stat(inode.path)
+            except CellError as exc:
+                if exc.code != "permission_denied":
+                    raise
+                async with await us.session.open(inode.path, read=False) as h:
+                    stat = h.stat
+        if stat.instance != inode.instance:
+            # Another node lives at this path now; ours was deleted or moved.
+            raise FuseError(errno.ENOENT)
+        return stat
+
+    async def setattr(self, ctx: RequestContext, req: rq.SetAttr) -> AttrOut:
+        inode = self.inode(req.nodeid)
+        if inode.virtual is not None:
+            raise FuseError(errno.EPERM, "control files cannot be changed")
+        f = self.files.get(req.fh) if req.has(abi.FATTR_FH) else None
+        current = await self._stat_inode(ctx, inode) if f is None else None
+        if f is not None:
+            self._check_alive(f)
+            assert f.handle is not None
+            with cell_errors(f"setattr {f.path}"):
+                current = await f.handle.get_stat()
+        assert current is not None
+        self._check_metadata_change(req, current)
+        if req.has(abi.FATTR_SIZE):
+            if current.is_directory:
+                raise FuseError(errno.EISDIR)
+            if req.size > self.config.max_file_bytes:
+                raise FuseError(errno.EFBIG)
+            if f is not None:
+                await self._truncate_open_file(f, req.size)
+                return AttrOut(self._attr(inode.ino, current, req.size), attr_valid_ns=self._attr_ns)
+            current = await self._truncate_path(ctx, inode, req.size)
+        return AttrOut(self._attr(inode.ino, current), attr_valid_ns=self._attr_ns)
+
+    def _check_metadata_change(self, req: rq.SetAttr, current: Stat) -> None:
+        """Modes, owners and times are not stored in Chubby: a request that
+        would change them fails with EPERM; one restating them succeeds."""
+        if req.has(abi.FATTR_MODE) and st.S_IMODE(req.mode) != st.S_IMODE(self._mode(current)):
+            raise FuseError(errno.EPERM, "modes are fixed (access is controlled by ACLs)")
+        if req.has(abi.FATTR_UID) and req.uid != 0 or req.has(abi.FATTR_GID) and req.gid != 0:
+            raise FuseError(errno.EPERM, "owners are fixed (access is controlled by ACLs)")
+        # Setting times to "now" (touch) is accepted: nodes have no stored
+        # times to contradict; explicit times are refused.
+        if req.has(abi.FATTR_ATIME) and not req.has(abi.FATTR_ATIME_NOW):
+            raise FuseError(errno.EPERM, "explicit times are not stored")
+        if req.has(abi.FATTR_MTIME) and not req.has(abi.FATTR_MTIME_NOW):
+            raise FuseError(errno.EPERM, "explicit times are not stored")
+
+    async def _truncate_open_file(self, f: OpenFile, size: int) -> None:
+        assert f.buffer is not None
+        try:
+            f.buffer.truncate(size)
+        except NeedContents:
+            await self._fetch(f)
+            f.buffer.truncate(size)
+
+    async def _truncate_path(self, ctx: RequestContext, inode: Inode, size: int) -> Stat:
+        """truncate(2) on a path: a read-modify-write committed at once, with
+        compare-and-swap on the generation read."""
+        us = await self.user_session(ctx, inode.cell)
+        with cell_errors(f"truncate {inode.path}"):
+            async with await us.session.open(inode.path, read=size > 0, write=True) as h:
+                if size == 0:
+                    return await h.set_contents(b"")
+                contents, stat = await h.get_contents_and_stat()
+                new = contents[:size].ljust(size, b"\0")
+                return await h.set_contents(new, expected_generation=stat.content_generation)
+
+    def _new_child_path(self, parent: Inode, raw_name: bytes) -> tuple[str, str]:
+        if parent.virtual is not None:
+            raise FuseError(errno.EPERM, "cells and control files are fixed")
+        with cell_errors("name"):
+            name = check_name(raw_name)
+        if name == CONTROL_DIR and self._is_cell_root(parent):
+            raise FuseError(errno.EEXIST, f"{CONTROL_DIR} is reserved for the control files")
+        return name, f"{parent.path}/{name}"
+
+    async def mkdir(self, ctx: RequestContext, req: rq.Mkdir) -> EntryOut:
+        parent = self.inode(req.nodeid)
+        _, path = self._new_child_path(parent, req.name)
+        if req.mode & st.S_ISVTX:
+            raise FuseError(errno.EPERM, "ephemeral directories need a held handle; create files instead")
+        us = await self.user_session(ctx, parent.cell)
+        with cell_errors(f"mkdir {path}"):
+            async with await us.session.open(path, read=False, write=True, create="directory",
+                                             exclusive=True) as h:
+                stat = h.stat
+        return self._node_entry(parent.cell, stat)
+
+    async def create(self, ctx: RequestContext, req: rq.Create) -> CreateOut:
+        parent = self.inode(req.nodeid)
+        _, path = self._new_child_path(parent, req.name)
+        us = await self.user_session(ctx, parent.cell)
+        acc = req.flags & os.O_ACCMODE
+        with cell_errors(f"create {path}"):
+            h = await us.session.open(
+                path, read=True, write=True, create="file",
+                exclusive=bool(req.flags & os.O_EXCL), ephemeral=bool(req.mode & st.S_ISVTX),
+                events=FILE_EVENTS)
+        if h.stat.is_directory:
+            await self._close_handle(h)
+            raise FuseError(errno.EISDIR)
+        entry = self._node_entry(parent.cell, h.stat)
+        f = self._open_file(ctx, entry.nodeid, parent.cell, path, us, h, req.flags)
+        if h.created:
+            assert f.buffer is not None
+            f.buffer.load(b"", h.stat.content_generation)
+        return CreateOut(entry, OpenOut(f.fh, abi.FOPEN_DIRECT_IO))
+
+    async def _remove(self, ctx: RequestContext, parent_ino: int, raw_name: bytes, *, directory: bool) -> None:
+        parent = self.inode(parent_ino)
+        _, path = self._new_child_path(parent, raw_name)
+        us = await self.user_session(ctx, parent.cell)
+        with cell_errors(f"remove {path}"):
+            async with await us.session.open(path, read=False, write=True) as h:
+                if h.stat.is_directory != directory:
+                    raise FuseError(errno.ENOTDIR if directory else errno.EISDIR)
+                await h.delete()
+        self._forget_path(parent.cell, path)
+
+    async def unlink(self, ctx: RequestContext, req: rq.Unlink) -> None:
+        await self._remove(ctx, req.nodeid, req.name, directory=False)
+
+    async def rmdir(self, ctx: RequestContext, req: rq.Rmdir) -> None:
+        await self._remove(ctx, req.nodeid, req.name, directory=True)
+
+    def _forget_path(self, cell: str, path: str) -> None:
+        for us in self.pool.all():
+            if us.cell == cell:
+                us.reads.drop(path, subtree=True)
+
+    async def rename(self, ctx: RequestContext, req: rq.Rename) -> None:
+        await self._rename(ctx, req.nodeid, req.name, req.newdir, req.newname, 0)
+
+    async def rename2(self, ctx: RequestContext, req: rq.Rename2) -> None:
+        await self._rename(ctx, req.nodeid, req.name, req.newdir, req.newname, req.flags)
+
+    async def _rename(self, ctx: RequestContext, olddir: int, name: bytes, newdir: int,
+                      newname: bytes, flags: int) -> None:
+        if flags & (RENAME_EXCHANGE | RENAME_WHITEOUT) or flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE
+                                                                     | RENAME_WHITEOUT):
+            raise FuseError(errno.EINVAL, "only RENAME_NOREPLACE is supported")
+        parent = self.inode(olddir)
+        if newdir != olddir:
+            # Directories are independent (a cell may be partitioned by
+            # directory): mv falls back to copy and delete.
+            raise FuseError(errno.EXDEV)
+        _, src = self._new_child_path(parent, name)
+        _, dst = self._new_child_path(parent, newname)
+        us = await self.user_session(ctx, parent.cell)
+        with cell_errors(f"rename {src} {dst}"):
+            if flags & RENAME_NOREPLACE:
+                # Not atomic with the rename: a racing create can still be replaced.
+                listing = await us.reads.list(parent.path)
+                if any(e.name == dst.rsplit("/", 1)[1] for e in listing):
+                    raise FuseError(errno.EEXIST)
+            await us.session.rename(src, dst)
+        self._forget_path(parent.cell, src)
+        self._forget_path(parent.cell, dst)
+        self.inodes.moved(parent.cell, src, dst)
+        for f in self.files.values():
+            if f.cell == parent.cell and (f.path == src or f.path.startswith(src + "/")):
+                f.path = dst + f.path[len(src):]
+
+    async def link(self, ctx: RequestContext, req: rq.Link) -> EntryOut:
+        raise FuseError(errno.EPERM, "Chubby has no hard links")
+
+    async def symlink(self, ctx: RequestContext, req: rq.Symlink) -> EntryOut:
+        raise FuseError(errno.EPERM, "Chubby has no symbolic links")
+
+    async def mknod(self, ctx: RequestContext, req: rq.Mknod) -> EntryOut:
+        raise FuseError(errno.EPERM, "only files and directories exist in Chubby")
+
+    async def readlink(self, ctx: RequestContext, req: rq.ReadLink) -> bytes:
+        raise FuseError(errno.EINVAL, "not a symbolic link")
+
+    async def access(self, ctx: RequestContext, req: rq.Access) -> None:
+        # The cell checks the ACL at each request; mode bits mean nothing here.
+        self.inode(req.nodeid)
+
+    async def statfs(self, ctx: RequestContext, req: rq.StatFs) -> StatfsOut:
+        blocks = self.config.max_file_bytes // 4096
+        return StatfsOut(blocks=blocks, bfree=blocks, bavail=blocks, files=1 << 20, ffree=1 << 20,
+                         namelen=255)
+
+    # ------------------------------------------------------------------- files
+
+    def _open_file(self, ctx: RequestContext, ino: int, cell: str, path: str, us: UserSession | None,
+                   handle: Handle | None, flags: int) -> OpenFile:
+        acc = flags & os.O_ACCMODE
+        writable = acc in (os.O_WRONLY, os.O_RDWR)
+        buffer = None
+        if handle is not None:
+            armed = self.cas_arms.pop((ino, us.principal), None) if writable and us else None
+            buffer = FileBuffer(append=bool(flags & os.O_APPEND), max_bytes=self.config.max_file_bytes,
+                                cas_generation=armed)
+        f = OpenFile(self._fh(), ino, cell, path, us, handle, buffer, writable, ctx.pid)
+        self.files[f.fh] = f
+        return f
+
+    async def open(self, ctx: RequestContext, req: rq.Open) -> OpenOut:
+        inode = self.inode(req.nodeid)
+        if inode.is_dir:
+            raise FuseError(errno.EISDIR)
+        acc = req.flags & os.O_ACCMODE
+        if inode.virtual is not None:
+            if acc != os.O_RDONLY:
+                raise FuseError(errno.EACCES, "control files are read-only")
+            f = self._open_file(ctx, inode.ino, inode.cell, inode.path, None, None, req.flags)
+            f.control_data = (await self._control_text(ctx, inode)).encode()
+            return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
+        us = await self.user_session(ctx, inode.cell)
+        with cell_errors(f"open {inode.path}"):
+            try:
+                # Writers read too: appends and edits in place start from the
+                # current contents.
+                h = await us.session.open(inode.path, read=True, write=acc != os.O_RDONLY,
+                                          events=FILE_EVENTS)
+            except CellError as exc:
+                if exc.code != "permission_denied" or acc != os.O_WRONLY:
+                    raise
+                # A write-only user can still replace the whole file.
+                h = await us.session.open(inode.path, read=False, write=True, events=FILE_EVENTS)
+        if h.stat.is_directory:
+            await self._close_handle(h)
+            raise FuseError(errno.EISDIR)
+        f = self._open_file(ctx, inode.ino, inode.cell, inode.path, us, h, req.flags)
+        return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
+
+    def _file(self, fh: int) -> OpenFile:
+        f = self.files.get(fh)
+        if f is None:
+            raise FuseError(errno.EBADF)
+        return f
+
+    def _check_alive(self, f: OpenFile) -> None:
+        if f.us is not None and f.us.expired:
+            raise FuseError(errno.ESTALE, "the session that opened this file has expired")
+
+    async def _fetch(self, f: OpenFile) -> None:
+        assert f.handle is not None and f.buffer is not None
+        with cell_errors(f"read {f.path}"):
+            contents, stat = await f.handle.get_contents_and_stat()
+        f.buffer.load(contents, stat.content_generation)
+
+    async def read(self, ctx: RequestContext, req: rq.Read) -> bytes:
+        f = self._file(req.fh)
+        if f.handle is None:
+            return f.control_data[req.offset:req.offset + req.size]
+        self._check_alive(f)
+        assert f.buffer is not None
+        if req.offset == 0:
+            # A new pass over the file: read what the cell holds now.
+            f.buffer.forget_snapshot()
+            f.events_pending = False
+        try:
+            return f.buffer.read(req.offset, req.size)
+        except NeedContents:
+            await self._fetch(f)
+            return f.buffer.read(req.offset, req.size)
+
+    async def write(self, ctx: RequestContext, req: rq.Write) -> int:
+        f = self._file(req.fh)
+        if f.buffer is None or not f.writable:
+            raise FuseError(errno.EBADF)
+        self._check_alive(f)
+        try:
+            return f.buffer.write(req.offset, req.data)
+        except NeedContents:
+            await self._fetch(f)
+            return f.buffer.write(req.offset, req.data)
+
+    async def _commit(self, f: OpenFile) -> None:
+        if f.buffer is None:
+            return
+        plan = f.buffer.pending_commit()
+        if plan is None:
+            return
+        if plan.too_large:
+            f.buffer.discard()
+            raise FuseError(errno.EFBIG, f"{f.path}: contents over {self.config.max_file_bytes} bytes")
+        self._check_alive(f)
+        assert f.handle is not None
+        # A commit that was sent must not be torn by an interrupt.
+        with trio.CancelScope(shield=True):
+            try:
+                with cell_errors(f"commit {f.path}"):
+                    stat = await f.handle.set_contents(plan.contents,
+                                                       expected_generation=plan.expected_generation)
+            except FuseError:
+                f.buffer.discard()
+                raise
+        f.buffer.committed(plan.contents, stat.content_generation)
+        self.on_event(f.cell, f.path, EVENT_CONTENTS_MODIFIED)
+
+    async def flush(self, ctx: RequestContext, req: rq.Flush) -> None:
+        f = self._file(req.fh)
+        try:
+            await self._commit(f)
+        finally:
+            # POSIX record locks end when their process closes any descriptor
+            # of the file.
+            for other in list(self.files.values()):
+                if other.ino == f.ino:
+                    slot = other.locks.pop((req.lock_owner, False), None)
+                    if slot is not None:
+                        await self._drop_slot(slot)
+
+    async def fsync(self, ctx: RequestContext, req: rq.Fsync) -> None:
+        await self._commit(self._file(req.fh))
+
+    async def release(self, ctx: RequestContext, req: rq.Release) -> None:
+        f = self.files.pop(req.fh, None)
+        if f is None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await self._commit(f)
+            except FuseError as exc:
+                log.warning("%s: commit at release failed (the writer had closed already): %s", f.path, exc)
+            for slot in f.locks.values():
+                await self._drop_slot(slot)
+            f.locks.clear()
+            if f.handle is not None:
+                await self._close_handle(f.handle)
+            for kh in f.poll_khs:
+                self._notify(NotifyPoll(kh))
+
+    async def _close_handle(self, handle: Handle) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await handle.close()
+            except CellError as exc:
+                log.debug("close %s: %s", handle.path, exc)
+
+    # ------------------------------------------------------------- directories
+
+    async def opendir(self, ctx: RequestContext, req: rq.OpenDir) -> OpenOut:
+        inode = self.inode(req.nodeid)
+        if not inode.is_dir:
+            raise FuseError(errno.ENOTDIR)
+        d = OpenDir(self._fh(), inode.ino)
+        self.dirs[d.fh] = d
+        return OpenOut(d.fh)
+
+    async def releasedir(self, ctx: RequestContext, req: rq.ReleaseDir) -> None:
+        self.dirs.pop(req.fh, None)
+
+    async def _listing(self, ctx: RequestContext, d: OpenDir) -> list[tuple[bytes, int, int, Stat | None]]:
+        """(name, ino, mode, stat) of every entry, fetched at offset 0 and
+        kept for the rest of this pass so cookies stay consistent."""
+        inode = self.inode(d.ino)
+        items: list[tuple[bytes, int, int, Stat | None]] = [(b".", inode.ino, DIR_MODE, None),
+                                                           (b"..", ROOT_INO, DIR_MODE, None)]
+        if inode.virtual == "root":
+            for cell in self.cells:
+                # Placeholder inode numbers: listing the root opens no sessions.
+                items.append((cell.encode(), self.inodes.control_dir(cell).ino - 1, DIR_MODE, None))
+        elif inode.virtual == "control":
+            for name in CONTROL_FILES:
+                ctl = self.inodes.control_file(inode.cell, name)
+                assert ctl is not None
+                items.append((name.encode(), ctl.ino, st.S_IFREG | 0o444, None))
+        else:
+            us = await self.user_session(ctx, inode.cell)
+            with cell_errors(f"readdir {inode.path}"):
+                entries = await us.reads.list(inode.path)
+            if self._is_cell_root(inode):
+                items.append((CONTROL_DIR.encode(), self.inodes.control_dir(inode.cell).ino, DIR_MODE, None))
+            for e in entries:
+                items.append((e.name.encode(), self.inodes.ino_of(inode.cell, e.stat.instance),
+                              self._mode(e.stat), e.stat))
+        return items
+
+    async def readdir(self, ctx: RequestContext, req: rq.ReadDir, out: DirentBuffer) -> None:
+        d = self.dirs.get(req.fh) or OpenDir(0, req.nodeid)
+        if d.listing is None or req.offset == 0:
+            d.listing = await self._listing(ctx, d)
+        for index in range(req.offset, len(d.listing)):
+            name, ino, mode, _ = d.listing[index]
+            if not out.add(DirEntry(ino, name, dirent_type(mode), index + 1)):
+                break
+
+    async def readdirplus(self, ctx: RequestContext, req: rq.ReadDirPlus, out: DirentBuffer) -> None:
+        d = self.dirs.get(req.fh) or OpenDir(0, req.nodeid)
+        if d.listing is None or req.offset == 0:
+            d.listing = await self._listing(ctx, d)
+        cell = self.inode(d.ino).cell
+        for index in range(req.offset, len(d.listing)):
+            name, ino, mode, stat = d.listing[index]
+            if stat is None:
+                # nodeid 0: the kernel takes the name, no inode, no reference.
+                entry = EntryOut(0, Attr(ino=ino, mode=mode), entry_valid_ns=0, attr_valid_ns=0)
+                if not out.add(DirEntryPlus(entry, name, index + 1)):
+                    break
+                continue
+            inode = self.inodes.node(cell, stat.instance, stat.path, stat.is_directory)
+            entry = self._entry(inode, self._attr(inode.ino, stat))
+            if not out.add(DirEntryPlus(entry, name, index + 1)):
+                self.inodes.drop_unreferenced(inode.ino)
+                break
+            self.inodes.ref(inode.ino)
+
+    # ------------------------------------------------------------------ xattrs
+
+    async def _stat_for_xattr(self, ctx: RequestContext, inode: Inode) -> Stat:
+        return await self._stat_inode(ctx, inode)
+
+    def _held_slots(self, ino: int, principal: str) -> list[tuple[OpenFile, LockSlot]]:
+        return [(f, slot) for f in self.files.values() if f.ino == ino and f.us is not None
+                and f.us.principal == principal for slot in f.locks.values() if slot.mode is not None]
+
+    async def getxattr(self, ctx: RequestContext, req: rq.GetXattr) -> bytes:
+        inode = self.inode(req.nodeid)
+        name = req.name.decode("utf-8", "replace")
+        if inode.virtual is not None or not name.startswith(XATTR_PREFIX):
+            raise FuseError(errno.ENODATA)
+        key = name[len(XATTR_PREFIX):]
+        principal = self.principal(ctx.uid)
+        if key == "sequencer":
+            held = self._held_slots(inode.ino, principal)
+            if not held:
+                raise FuseError(errno.ENODATA, "no lock held on this file through this mount")
+            family = _ancestors(ctx.pid)
+            held.sort(key=lambda fs: fs[1].pid in family, reverse=True)
+            seq = held[0][1].sequencer
+            assert seq is not None
+            return seq.encode()
+        if key == "lock_delay_ms":
+            return str(self.lock_delays.get((inode.cell, inode.path), DEFAULT_LOCK_DELAY_MS)).encode()
+        if key == "cas":
+            gen = self.cas_arms.get((inode.ino, principal))
+            if gen is None:
+                raise FuseError(errno.ENODATA)
+            return str(gen).encode()
+        if key not in READONLY_XATTRS and key not in ACL_XATTRS:
+            raise FuseError(errno.ENODATA)
+        s = await self._stat_for_xattr(ctx, inode)
+        value = {
+            "instance": s.instance, "content_gen": s.content_generation, "lock_gen": s.lock_generation,
+            "acl_gen": s.acl_generation, "checksum": f"{s.checksum:#018x}", "ephemeral": int(s.ephemeral),
+            "acl.read": s.acl_read, "acl.write": s.acl_write, "acl.change": s.acl_change,
+        }[key]
+        return str(value).encode()
+
+    async def listxattr(self, ctx: RequestContext, req: rq.ListXattr) -> Sequence[bytes]:
+        inode = self.inode(req.nodeid)
+        if inode.virtual is not None:
+            return []
+        principal = self.principal(ctx.uid)
+        names = [*READONLY_XATTRS, *ACL_XATTRS, "lock_delay_ms"]
+        if self._held_slots(inode.ino, principal):
+            names.append("sequencer")
+        if (inode.ino, principal) in self.cas_arms:
+            names.append("cas")
+        return [(XATTR_PREFIX + n).encode() for n in names]
+
+    async def setxattr(self, ctx: RequestContext, req: rq.SetXattr) -> None:
+        inode = self.inode(req.nodeid)
+        name = req.name.decode("utf-8", "replace")
+        if inode.virtual is not None:
+            raise FuseError(errno.EPERM, "control files have no attributes")
+        if not name.startswith(XATTR_PREFIX):
+            raise FuseError(errno.EOPNOTSUPP, "only user.chubby.* attributes exist")
+        key = name[len(XATTR_PREFIX):]
+        text = req.value.decode("utf-8", "replace").strip()
+        if key in ACL_XATTRS:
+            await self._set_acl(ctx, inode, key, text)
+        elif key == "lock_delay_ms":
+            ms = _parse_int(text, 0, MAX_LOCK_DELAY_MS)
+            self.lock_delays[(inode.cell, inode.path)] = ms
+        elif key == "cas":
+            self.cas_arms[(inode.ino, self.principal(ctx.uid))] = _parse_int(text, 0, (1 << 64) - 1)
+        elif key == "sequencer":
+            await self._bind_sequencer(ctx, inode, text)
+        elif key in READONLY_XATTRS:
+            # EOPNOTSUPP, not EPERM: cp -a / mv across directories copy
+            # xattrs and skip the ones a filesystem does not support.
+            raise FuseError(errno.EOPNOTSUPP, f"{name} is read-only")
+        else:
+            raise FuseError(errno.EOPNOTSUPP, f"no attribute {name}")
+
+    async def removexattr(self, ctx: RequestContext, req: rq.RemoveXattr) -> None:
+        inode = self.inode(req.nodeid)
+        name = req.name.decode("utf-8", "replace")
+        key = name[len(XATTR_PREFIX):] if name.startswith(XATTR_PREFIX) else None
+        if inode.virtual is not None or key is None:
+            raise FuseError(errno.ENODATA)
+        if key == "cas":
+            if self.cas_arms.pop((inode.ino, self.principal(ctx.uid)), None) is None:
+                raise FuseError(errno.ENODATA)
+        elif key == "lock_delay_ms":
+            self.lock_delays.pop((inode.cell, inode.path), None)
+        elif key in READONLY_XATTRS or key in ACL_XATTRS or key == "sequencer":
+            raise FuseError(errno.EPERM, f"{name} cannot be removed")
+        else:
+            raise FuseError(errno.ENODATA)
+
+    async def _set_acl(self, ctx: RequestContext, inode: Inode, key: str, value: str) -> None:
+        us = await self.user_session(ctx, inode.cell)
+        with cell_errors(f"set {key} on {inode.path}"):
+            if not value:
+                raise FuseError(errno.EINVAL, "an ACL name cannot be empty")
+            check_name(value.encode())
+            async with await us.session.open(inode.path, read=False, change_acl=True) as h:
+                s = h.stat
+                names = {"acl.read": s.acl_read, "acl.write": s.acl_write, "acl.change": s.acl_change}
+                names[key] = value
+                await h.set_acl(names["acl.read"], names["acl.write"], names["acl.change"])
+
+    async def _bind_sequencer(self, ctx: RequestContext, inode: Inode, sequencer: str) -> None:
+        """Bind to the open files of this node held by the calling process or
+        one of its ancestors (so `setfattr` from a shell works on the shell's
+        descriptors)."""
+        principal = self.principal(ctx.uid)
+        family = _ancestors(ctx.pid)
+        targets = [f for f in self.files.values() if f.ino == inode.ino and f.handle is not None
+                   and f.us is not None and f.us.principal == principal and f.pid in family]
+        if not targets:
+            raise FuseError(errno.EBADF, "no file of this node is open in the calling process or its parents")
+        for f in targets:
+            assert f.handle is not None
+            with cell_errors(f"bind sequencer on {f.path}"):
+                await f.handle.set_sequencer(sequencer)
+            f.bound_sequencer = sequencer
+
+    # ------------------------------------------------------------------- locks
+
+    def _lock_mode(self, lock: FileLock) -> str | None:
+        return {abi.F_RDLCK: "shared", abi.F_WRLCK: "exclusive"}.get(lock.type)
+
+    def _whole_file(self, req: rq.GetLk | rq.SetLk | rq.SetLkW) -> None:
+        if not req.is_flock and not (req.lock.start == 0 and req.lock.end == abi.OFFSET_MAX):
+            log.info("refusing a byte-range fcntl lock on %s (only whole-file locks exist)",
+                     self.inode(req.nodeid).path)
+            raise FuseError(errno.EOPNOTSUPP, "byte-range locks are not supported")
+
+    async def _lock_handle(self, f: OpenFile, slot: LockSlot) -> Handle:
+        if slot.handle is None:
+            assert f.us is not None
+            delay = self.lock_delays.get((f.cell, f.path))
+            with cell_errors(f"lock {f.path}"):
+                slot.handle = await f.us.session.open(f.path, read=False, lock=True, lock_delay_ms=delay)
+        return slot.handle
+
+    async def _drop_slot(self, slot: LockSlot) -> None:
+        """Give the lock up (or the queued Acquire): closing the handle does both."""
+        handle, slot.handle, slot.mode, slot.sequencer = slot.handle, None, None, None
+        if handle is not None:
+            await self._close_handle(handle)
+
+    async def _set_lock(self, ctx: RequestContext, req: rq.SetLk | rq.SetLkW, wait: bool) -> None:
+        f = self._file(req.fh)
+        if f.handle is None:
+            raise FuseError(errno.EINVAL, "control files cannot be locked")
+        self._whole_file(req)
+        self._check_alive(f)
+        key = (req.owner, req.is_flock)
+        mode = self._lock_mode(req.lock)
+        slot = f.locks.get(key)
+        if mode is None:  # unlock: never waits
+            if slot is not None:
+                with trio.CancelScope(shield=True):
+                    await self._release_slot(slot)
+            return
+        if slot is None:
+            slot = f.locks[key] = LockSlot(req.is_flock)
+        if slot.mode == mode:
+            return
+        if slot.mode is not None:
+            # Conversion: like flock(2), not atomic.
+            await self._release_slot(slot)
+        handle = await self._lock_handle(f, slot)
+        with cell_errors(f"lock {f.path}"):
+            if wait:
+                try:
+                    while True:
+                        try:
+                            sequencer = await handle.acquire(mode)
+                            break
+                        except CellUnavailableError:
+                            # A long wait outlasts one call's timeout; the
+                            # queued Acquire is idempotent, ask again.
+                            continue
+                except trio.Cancelled:
+                    # Interrupted (Ctrl-C, flock -w): withdraw the queued Acquire.
+                    with trio.CancelScope(shield=True):
+                        await self._drop_slot(slot)
+                    raise
+            else:
+                got = await handle.try_acquire(mode)
+                if got is None:
+                    raise FuseError(errno.EWOULDBLOCK)
+                sequencer = got
+        slot.mode, slot.sequencer, slot.pid = mode, sequencer, ctx.pid
+
+    async def _release_slot(self, slot: LockSlot) -> None:
+        if slot.handle is not None and slot.mode is not None:
+            try:
+                await slot.handle.release()
+            except CellError as exc:
+                log.debug("release: %s", exc)
+                await self._drop_slot(slot)
+        slot.mode = slot.sequencer = None
+
+    async def setlk(self, ctx: RequestContext, req: rq.SetLk) -> None:
+        await self._set_lock(ctx, req, wait=False)
+
+    async def setlkw(self, ctx: RequestContext, req: rq.SetLkW) -> None:
+        await self._set_lock(ctx, req, wait=True)
+
+    async def getlk(self, ctx: RequestContext, req: rq.GetLk) -> FileLock:
+        f = self._file(req.fh)
+        if f.handle is None:
+            raise FuseError(errno.EINVAL, "control files cannot be locked")
+        self._whole_file(req)
+        mode = self._lock_mode(req.lock)
+        free = FileLock(req.lock.start, req.lock.end, abi.F_UNLCK, 0)
+        slot = f.locks.get((req.owner, req.is_flock))
+        if mode is None or (slot is not None and slot.mode is not None):
+            return free
+        probe = LockSlot(req.is_flock)
+        try:
+            handle = await self._lock_handle(f, probe)
+            with cell_errors(f"getlk {f.path}"):
+                got = await handle.try_acquire(mode)
+        finally:
+            await self._drop_slot(probe)
+        if got is not None:
+            return free
+        return FileLock(0, abi.OFFSET_MAX, abi.F_WRLCK, 0)
+
+    # -------------------------------------------------------------- poll/events
+
+    async def poll(self, ctx: RequestContext, req: rq.Poll) -> int:
+        f = self._file(req.fh)
+        revents = select.POLLOUT if f.writable else 0
+        if f.us is not None and f.us.expired:
+            revents |= select.POLLERR
+        if f.events_pending:
+            revents |= select.POLLIN
+        elif req.schedule_notify:
+            f.poll_khs.add(req.kh)
+        return revents & (req.events | select.POLLERR | select.POLLHUP)
+
+    def _notify(self, note: NotifyPoll | NotifyInvalInode | NotifyInvalEntry) -> None:
+        if self.session is not None and not self.session.closed:
+            try:
+                self.session.notify_soon(note)
+            except RuntimeError:
+                pass  # the session stopped serving between the check and the call
+
+    def on_event(self, cell: str, path: str, kind: int) -> None:
+        """An event for `path` (from the master, or a commit through this
+        mount): files open on it become readable for poll(), sleepers wake."""
+        for f in self.files.values():
+            if f.cell == cell and f.path == path and f.handle is not None:
+                f.events_pending = True
+                khs, f.poll_khs = f.poll_khs, set()
+                for kh in khs:
+                    self._notify(NotifyPoll(kh))
+
+    def on_invalidate(self, cell: str, path: str) -> None:
+        """The master invalidated `path`: drop the kernel's attributes, pages
+        and the entry naming it (queued; never blocks a request)."""
+        parent_path, _, name = path.rpartition("/")
+        for us in self.pool.all():
+            if us.cell == cell:
+                us.reads.drop(path)
+        for inode in self.inodes.by_path(cell, path):
+            self._notify(NotifyInvalInode(inode.ino, 0, 0))
+        for parent in self.inodes.by_path(cell, parent_path):
+            self._notify(NotifyInvalEntry(parent.ino, name.encode()))
+
+    # ---------------------------------------------------------------- control
+
+    async def _control_text(self, ctx: RequestContext, inode: Inode) -> str:
+        principal = self.principal(ctx.uid)
+        us = self.pool.peek(inode.cell, principal)
+        if inode.virtual == "state":
+            return ("none" if us is None else "expired" if us.expired else "ok") + "\n"
+        if us is None or us.expired:
+            us = await self.user_session(ctx, inode.cell)
+        master = us.master_address()
+        if inode.virtual == "master":
+            return f"{master or 'unknown'}\n"
+        if inode.virtual == "epoch":
+            return f"{await self._epoch(us, master)}\n"
+        return (f"cell: {inode.cell}\nprincipal: {principal}\nsession: {us.session.id}\n"
+                f"state: {'expired' if us.expired else 'ok'}\nlease_ms: {us.session.lease_ms}\n"
+                f"master: {master or 'unknown'}\n")
+
+    async def _epoch(self, us: UserSession, master: str | None) -> str:
+        if master is None:
+            return "unknown"
+        conn: CellConnection = us.session.conn
+        try:
+            reply = await conn.call_replica(master, "status", timeout_s=2.0)
+        except (OSError, EOFError, trio.TooSlowError) as exc:
+            log.info("epoch: status of %s failed: %s", master, exc)
+            return "unknown"
+        status = reply.get("status", {})
+        return str(status.get("term", "unknown")) if status.get("role") == "leader" else "unknown"
+
+    def assert_invariants(self) -> None:
+        self.inodes.assert_invariants()
+        for fh, f in self.files.items():
+            assert f.fh == fh
+            if f.buffer is not None:
+                f.buffer.assert_invariants()
+            for slot in f.locks.values():
+                assert slot.mode is None or slot.handle is not None
+                assert (slot.mode is None) == (slot.sequencer is None)
+
+
+def _parse_int(text: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise FuseError(errno.EINVAL, f"{text!r} is not a number") from None
+    if not low <= value <= high:
+        raise FuseError(errno.EINVAL, f"{value} is outside {low}..{high}")
+    return value
+
+
+def _ancestors(pid: int, depth: int = 8) -> set[int]:
+    """`pid` and its parents (through /proc), for "the caller or its shell"."""
+    family = {pid}
+    for _ in range(depth):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                # The command name may contain spaces and parentheses: split after the last ')'.
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if pid <= 1:
+            break
+        family.add(pid)
+    return family

@@ -1,0 +1,192 @@
+"""One client session per (cell, user), opened lazily, and cached read handles.
+
+The mount acts for the user of each request, so each (cell, principal) pair
+gets its own `chubbyfs.client` session, created on first use and ended when
+the mount ends (ending a session releases its locks at once instead of
+after the lock-delay). A session that expired is replaced on the next use;
+everything opened through it stays dead (ESTALE).
+
+`ReadHandles` keeps read-only handles on the paths the kernel asks about
+(lookups list the parent directory, getattr stats the node), so walking a
+path costs reads served by the master, not Open/Close log writes. A cached
+handle follows its node: if the node was renamed or deleted, the handle is
+dropped and the path opened again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import trio
+
+from chubbyfs.client.connection import CellError
+from chubbyfs.client.session import DirEntry, Handle, Session, open_session
+from chubbyfs.wire.cell_protocol import Stat
+
+log = logging.getLogger("chubbyfs.mount")
+
+_RETRY_CODES = {"stale_handle", "bad_handle"}
+
+
+class ReadHandles:
+    def __init__(self, session: Session, nursery: trio.Nursery, capacity: int = 128) -> None:
+        self.session = session
+        self._nursery = nursery
+        self.capacity = capacity
+        self._handles: OrderedDict[str, Handle] = OrderedDict()
+
+    async def _get(self, path: str) -> Handle:
+        handle = self._handles.get(path)
+        if handle is not None:
+            self._handles.move_to_end(path)
+            return handle
+        handle = await self.session.open(path, read=True)
+        if path in self._handles:  # another task opened it meanwhile
+            await self._close(handle)
+            return self._handles[path]
+        self._handles[path] = handle
+        while len(self._handles) > self.capacity:
+            _, old = self._handles.popitem(last=False)
+            self._nursery.start_soon(self._close, old)
+        return handle
+
+    async def _close(self, handle: Handle) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await handle.close()
+            except CellError as exc:
+                log.debug("closing cached handle on %s: %s", handle.path, exc)
+
+    def drop(self, path: str, *, subtree: bool = False) -> None:
+        """Forget cached handles on `path` (and below), closing them in the background."""
+        doomed = [p for p in self._handles if p == path or (subtree and p.startswith(path + "/"))]
+        for p in doomed:
+            self._nursery.start_soon(self._close, self._handles.pop(p))
+
+    async def _with_retry(self, path: str, op: Any) -> Any:
+        for attempt in (0, 1):
+            handle = await self._get(path)
+            try:
+                result = await op(handle)
+            except CellError as exc:
+                if exc.code in _RETRY_CODES and attempt == 0:
+                    self._forget(path, handle)
+                    continue
+                raise
+            if result is not None:
+                return result
+            # The handle's node moved away from `path`: reopen once.
+            self._forget(path, handle)
+        raise CellError("not_found", f"{path} keeps moving")
+
+    def _forget(self, path: str, handle: Handle) -> None:
+        if self._handles.get(path) is handle:
+            del self._handles[path]
+        self._nursery.start_soon(self._close, handle)
+
+    async def stat(self, path: str) -> Stat:
+        async def op(h: Handle) -> Stat | None:
+            stat = await h.get_stat()
+            return stat if stat.path == path else None
+        return await self._with_retry(path, op)
+
+    async def list(self, path: str) -> list[DirEntry]:
+        async def op(h: Handle) -> list[DirEntry] | None:
+            entries = await h.read_dir()
+            prefix = path + "/"
+            if entries:
+                return entries if entries[0].stat.path.startswith(prefix) else None
+            return entries if (await h.get_stat()).path == path else None
+        return await self._with_retry(path, op)
+
+
+class UserSession:
+    """A session and its read handles, for one principal in one cell."""
+
+    def __init__(self, cell: str, principal: str, session: Session, nursery: trio.Nursery) -> None:
+        self.cell = cell
+        self.principal = principal
+        self.session = session
+        self.reads = ReadHandles(session, nursery)
+        self.stop = trio.Event()
+        self.done = trio.Event()
+
+    @property
+    def expired(self) -> bool:
+        return self.session.expired
+
+    def master_address(self) -> str | None:
+        # The connection follows the master; its current link is the master.
+        link = getattr(self.session.conn, "_link", None)
+        return getattr(link, "address", None)
+
+
+class SessionPool:
+    def __init__(self, nursery: trio.Nursery, cells: dict[str, list[str]], *,
+                 call_timeout_s: float = 15.0) -> None:
+        self._nursery = nursery
+        self.cells = cells
+        self.call_timeout_s = call_timeout_s
+        self._sessions: dict[tuple[str, str], UserSession] = {}
+        self._locks: dict[tuple[str, str], trio.Lock] = {}
+        self._closing = False
+
+    def peek(self, cell: str, principal: str) -> UserSession | None:
+        return self._sessions.get((cell, principal))
+
+    def all(self) -> list[UserSession]:
+        return list(self._sessions.values())
+
+    async def get(self, cell: str, principal: str) -> UserSession:
+        key = (cell, principal)
+        us = self._sessions.get(key)
+        if us is not None and not us.expired:
+            return us
+        if self._closing:
+            raise CellError("session_expired", "the mount is shutting down")
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:
+            us = self._sessions.get(key)
+            if us is not None and not us.expired:
+                return us
+            if us is not None:
+                log.warning("session %d of %s in cell %s expired; opening a new one",
+                            us.session.id, principal, cell)
+                us.stop.set()
+            us = await self._nursery.start(self._run, cell, principal)
+            self._sessions[key] = us
+            return us
+
+    async def _run(self, cell: str, principal: str, *,
+                   task_status: trio.TaskStatus[UserSession] = trio.TASK_STATUS_IGNORED) -> None:
+        us: UserSession | None = None
+        try:
+            async with open_session(cell, addresses=self.cells[cell], principal=principal,
+                                    call_timeout_s=self.call_timeout_s) as session:
+                async with trio.open_nursery() as handles_nursery:
+                    us = UserSession(cell, principal, session, handles_nursery)
+                    log.info("session %d for %s in cell %s", session.id, principal, cell)
+                    task_status.started(us)
+                    while not session.expired:
+                        with trio.move_on_after(0.25):
+                            await us.stop.wait()
+                        if us.stop.is_set():
+                            break
+                    if session.expired:
+                        log.warning("session %d of %s in cell %s has expired", session.id, principal, cell)
+                    handles_nursery.cancel_scope.cancel()
+        finally:
+            if us is not None:
+                us.done.set()
+
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """End every session (their locks are released at once); give up
+        waiting for the cell after `timeout_s` (the leases then run out)."""
+        self._closing = True
+        for us in self._sessions.values():
+            us.stop.set()
+        with trio.move_on_after(timeout_s):
+            for us in self._sessions.values():
+                await us.done.wait()
