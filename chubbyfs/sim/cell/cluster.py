@@ -1,0 +1,258 @@
+"""The Chubby cell in simulation: every replica is the real `RaftNode` plus
+the real master (`CellService`) over the simulated disk and network, with
+clients reaching the replicas through simulated links (`rpc.py`).
+
+It reuses the register simulator by subclassing: `CellSimNode` swaps the
+state machine for the cell's (wrapped so the lock checker sees every apply
+and restore on every incarnation), runs the master service and the client
+request server beside the Raft loop, and takes them down with it on crash.
+`CellSimCluster` adds the client links, the fenced resource and the cell
+checkers to `SimCluster`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ...cell.master import CellService, ObservedStateMachine
+from ...cell.state_machine import CellStateMachine
+from ...raft.node import NotLeaderError, ProposalLostError, ProposalOutcomeUnknownError, RaftNode
+from ...raft import ProposalDroppedError
+from ..checkers.cell_nodes import CellFileModel
+from ..checkers.fencing import FencedResource
+from ..checkers.locks import LockSafetyChecker
+from ..checkers.wgl import CheckResult, check_operations
+from ..cluster import SimCluster, SimConfig, SimNode
+from ..history import HistoryRecorder
+from ..network import NetworkConfig
+from .rpc import ClientLinks, RpcPacket
+
+CELL_NAME = "sim"
+CELL_ROOT = f"/ls/{CELL_NAME}"
+PRINCIPAL = "sim"
+
+
+@dataclass(frozen=True)
+class CellSimConfig:
+    """The Raft cluster's SimConfig (`base`, whose own register clients are
+    unused) plus what the cell workload needs. Times are virtual."""
+
+    base: SimConfig = field(default_factory=lambda: SimConfig(client_count=0))
+    client_count: int = 3
+    session_lease_ms: int = 800
+    lock_delay_ms: int = 300
+    clock_offset_max_ms: int = 20  # each replica's clock is off by up to this much
+    links: NetworkConfig = field(default_factory=NetworkConfig)
+    attempt_timeout_seconds: float = 0.3  # one request to one replica
+    request_timeout_seconds: float = 1.0  # one client operation, retries included
+    acquire_attempt_seconds: float = 1.5  # a blocking Acquire waits this long per attempt
+    think_seconds: float = 0.03
+    fencing: bool = True  # False: the negative control (the resource accepts stale holders)
+    data_paths: tuple[str, ...] = (f"{CELL_ROOT}/d0", f"{CELL_ROOT}/d1")
+    lock_paths: tuple[str, ...] = (f"{CELL_ROOT}/l0", f"{CELL_ROOT}/l1")  # l1 is ephemeral
+    ephemeral_paths: tuple[str, ...] = (f"{CELL_ROOT}/e0",)
+    liveness_seconds: float = 6.0
+
+    def __post_init__(self) -> None:
+        if self.base.client_count:
+            raise ValueError("the cell simulation has its own clients: base.client_count must be 0")
+        if self.client_count < 1:
+            raise ValueError("client_count must be at least 1")
+        if self.session_lease_ms <= 0 or self.lock_delay_ms < 0:
+            raise ValueError("session_lease_ms must be positive and lock_delay_ms non-negative")
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception (the leaves of an exception group) in one line."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class CheckedStateMachine(ObservedStateMachine):
+    """The master's observed state machine, reporting every apply and restore
+    to the simulation's lock checker (white-box, on every replica)."""
+
+    def __init__(self, sm: CellStateMachine, on_applied: Callable[[int, bytes, Any], None],
+                 on_restored: Callable[[], None]) -> None:
+        super().__init__(sm)
+        self._on_applied = on_applied
+        self._on_restored = on_restored
+
+    def apply(self, index: int, command: bytes) -> Any:
+        result = super().apply(index, command)
+        self._on_applied(index, command, result)
+        return result
+
+    def restore(self, data: bytes) -> None:
+        super().restore(data)
+        self._on_restored()
+
+
+class CellSimNode(SimNode):
+    cluster: CellSimCluster
+
+    def __init__(self, cluster: CellSimCluster, node_id: int) -> None:
+        super().__init__(cluster, node_id)
+        offset_max = cluster.cell_config.clock_offset_max_ms
+        self.clock_offset_ms = cluster.rng.stream(f"clock-{node_id}").randint(-offset_max, offset_max)
+        self.service: CellService | None = None
+        self._service_scope: trio.CancelScope | None = None
+        self._running = trio.Event()
+        self._running.set()
+
+    def clock_ms(self) -> int:
+        return int(trio.current_time() * 1000) + self.clock_offset_ms
+
+    def _make_state_machine(self) -> Any:
+        incarnation = self.incarnation
+        checker = self.cluster.lock_checker
+        sm = CellStateMachine()
+        return CheckedStateMachine(
+            sm,
+            lambda index, command, result: checker.on_apply(self.id, incarnation, index, command, result, sm),
+            lambda: checker.on_restore(self.id, incarnation, sm),
+        )
+
+    async def _run(self, node: RaftNode, scope: trio.CancelScope, incarnation: int) -> None:
+        cluster = self.cluster
+        cfg = cluster.cell_config
+        service = CellService(
+            node, node.state_machine, cell_name=CELL_NAME, admins=(PRINCIPAL,),
+            session_lease_ms=cfg.session_lease_ms, clock_ms=self.clock_ms,
+            secret_source=cluster.rng.fresh(f"secret-{self.id}-{incarnation}").randbytes,
+        )
+        self.service = service
+        async with trio.open_nursery() as nursery:
+            self._service_scope = nursery.cancel_scope
+            nursery.start_soon(self._run_service, service)
+            cluster.links.attach_server(
+                self.id, lambda packet: nursery.start_soon(self._answer, service, node, incarnation, packet))
+            await super()._run(node, scope, incarnation)
+            if self.incarnation == incarnation:
+                cluster.links.detach_server(self.id)
+            nursery.cancel_scope.cancel()
+
+    async def _run_service(self, service: CellService) -> None:
+        try:
+            await service.run()
+        except Exception as exc:  # noqa: BLE001 - a master that dies is a finding
+            text = _describe(exc)
+            self.cluster.violations.append(f"master service on n{self.id} died: {text}")
+            self.cluster.log(f"n{self.id} master service died: {text}")
+
+    async def _answer(self, service: CellService, node: RaftNode, incarnation: int, packet: RpcPacket) -> None:
+        # A paused replica reads no requests and sends no replies.
+        await self._running.wait()
+        reply = await self._handle(service, packet.body)
+        await self._running.wait()
+        if self.incarnation == incarnation and self.raft is node:
+            self.cluster.links.reply(self.id, packet, reply)
+
+    async def _handle(self, service: CellService, request: dict) -> dict:
+        """What a replica's connection handler answers (as in cell/replica.py)."""
+        try:
+            return await service.handle(request, PRINCIPAL)
+        except NotLeaderError as exc:
+            return {"error": "not_leader", "leader": exc.leader}
+        except ProposalLostError as exc:
+            return {"error": "lost", "message": str(exc)}
+        except ProposalDroppedError as exc:
+            return {"error": "retry", "message": str(exc) or "proposal dropped"}
+        except ProposalOutcomeUnknownError as exc:
+            return {"error": "unavailable", "message": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - the master must answer every request
+            self.cluster.violations.append(
+                f"master on n{self.id} raised {type(exc).__name__} for {request.get('op')}: {exc}")
+            return {"error": "internal", "message": f"{type(exc).__name__}: {exc}"}
+
+    def crash(self) -> None:
+        if self.raft is not None:
+            self.cluster.links.detach_server(self.id)
+            if self._service_scope is not None:
+                self._service_scope.cancel()
+            self._running.set()
+        super().crash()
+
+    def pause(self) -> None:
+        if self.raft is not None and not self.paused:
+            self._running = trio.Event()
+        super().pause()
+
+    def resume(self) -> None:
+        super().resume()
+        self._running.set()
+
+
+class CellSimCluster(SimCluster):
+    def __init__(self, config: CellSimConfig, seed: int, *,
+                 trace_sink: Callable[[str], None] | None = None) -> None:
+        self.cell_config = config
+        self.lock_checker = LockSafetyChecker()
+        self.resource = FencedResource(fencing=config.fencing)
+        super().__init__(config.base, seed, trace_sink=trace_sink)
+        self.links = ClientLinks(config.links, self.rng.stream("client-links"), on_deliver=self._on_rpc)
+        self.nodes = {i: CellSimNode(self, i) for i in self.node_ids}
+        self.chubby_clients: list[Any] = []
+        self.false_expiries: list[str] = []
+        # Node operations (P8); the inherited `history` is the register's and stays empty.
+        self.cell_history = HistoryRecorder()
+
+    def _on_rpc(self, now: float, packet: RpcPacket) -> None:
+        body = packet.body
+        line = f"{now:.6f} {packet.frm}>{packet.to} #{packet.call_id} {body.get('op') or body.get('error') or 'ok'}"
+        self._hasher.update(line.encode())
+        if self._trace_sink is not None:
+            self._trace_sink(f"{now:10.4f}   rpc {line[line.index(' ') + 1:]}")
+
+    def heal(self) -> None:
+        super().heal()
+        self.links.heal()
+
+    def session_ended_in_cell(self, session_id: int) -> bool:
+        return self.lock_checker.session_ended(session_id)
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        problems += self.lock_checker.check_history()
+        problems += self.resource.check(self.lock_checker.granted)
+        problems += self.false_expiries
+        report = check_operations(CellFileModel(), self.cell_history.operations(),
+                                  max_steps=self.config.wgl_max_steps)
+        if report.result is CheckResult.ILLEGAL:
+            path = report.bad_partition[0].input[1] if report.bad_partition else "?"
+            problems.append(f"P8 linearizability: operations on {path} are not linearizable")
+        elif report.result is CheckResult.UNKNOWN:
+            problems.append("P8 linearizability: checker budget exhausted (UNKNOWN counts as failure)")
+        self.violations = problems
+        return problems
+
+
+@asynccontextmanager
+async def open_cell_cluster(config: CellSimConfig, seed: int, *,
+                            trace_sink: Callable[[str], None] | None = None) -> AsyncIterator[CellSimCluster]:
+    """Start both networks, the replicas (each with its master service), the
+    clients' endpoints and the invariant sweep; cancel everything on exit."""
+    from .client import ChubbyClient
+
+    cluster = CellSimCluster(config, seed, trace_sink=trace_sink)
+    async with trio.open_nursery() as nursery:
+        cluster._nursery = nursery
+        await nursery.start(cluster.network.run)
+        await nursery.start(cluster.links.run)
+        for node in cluster.nodes.values():
+            node._start(bootstrap_voters=cluster.node_ids)
+        cluster.chubby_clients = [ChubbyClient(cluster, i) for i in range(config.client_count)]
+        nursery.start_soon(cluster._sweep_invariants)
+        body_scope = trio.CancelScope()
+        nursery.start_soon(cluster._message_watchdog, body_scope)
+        try:
+            with body_scope:
+                yield cluster
+        finally:
+            nursery.cancel_scope.cancel()
