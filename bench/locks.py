@@ -16,7 +16,7 @@ Workloads, `--duration` seconds each:
   v3lock API (`/v3/lock/lock`, `/v3/lock/unlock`) with a lease of its own
   per contender. Reported: hand-offs/s, acquire latency (call to grant,
   including the wait in the queue), and the hand-off gap (from the holder
-  calling release to the next holder's acquire returning).
+  calling release to the next grant).
 - CAS write: N writers loop read (content generation / version /
   mod_revision) -> conditional write, each on its own file, and for N > 1
   also all on one shared file, where conflicts are expected and counted.
@@ -305,11 +305,14 @@ class Point:
     # hand-off: acquire call -> granted; CAS: read + conditional write
     p50_ms: float
     p99_ms: float
-    # hand-off only: holder calls release -> next holder's acquire returns
+    # hand-off only: holder calls release -> the next grant (the lock changing hands, or lying free)
     gap_p50_ms: float
     gap_p99_ms: float
     # hand-off only: a holder granted the lock before the previous one asked to release it
     exclusion_violations: int
+    # hand-off only: grants to the contender that held the lock just before
+    # (with a FIFO queue and others waiting, none)
+    same_holder_regrants: int
     conflicts: int
     conflicts_per_s: float
     server_cpu_ms_per_op: float
@@ -321,12 +324,15 @@ class Point:
     rounds_ops_per_s: list[float] = field(default_factory=list)
 
 
-def handoff_stats(cycles: list[list[float]], t0: float, t1: float) -> tuple[list[float], list[float], int]:
-    """(acquire latencies, hand-off gaps, exclusion violations) of the cycles
-    granted inside [t0, t1], from all contenders' records merged by grant time.
-    Each cycle is [asked, acquired, release_asked, released, contender]."""
+def handoff_stats(cycles: list[list[float]], t0: float, t1: float) -> tuple[list[float], list[float], int, int]:
+    """(acquire latencies, hand-off gaps, exclusion violations, re-grants to
+    the same contender) of the cycles granted inside [t0, t1], from all
+    contenders' records merged by grant time. Each cycle is
+    [asked, acquired, release_asked, released, contender]. The gap runs from
+    one holder asking to release to the next grant, whoever gets it: the time
+    the lock spends changing hands (or lying free)."""
     ordered = sorted(cycles, key=lambda c: c[1])
-    latencies, gaps, violations = [], [], 0
+    latencies, gaps, violations, regrants = [], [], 0, 0
     for prev, cur in zip([None] + ordered[:-1], ordered):
         if not t0 <= cur[1] <= t1:
             continue
@@ -335,9 +341,10 @@ def handoff_stats(cycles: list[list[float]], t0: float, t1: float) -> tuple[list
             continue
         if cur[1] < prev[2]:
             violations += 1  # granted while the previous holder had not yet let go
-        elif cur[4] != prev[4]:
+        else:
             gaps.append(cur[1] - prev[2])
-    return latencies, gaps, violations
+        regrants += cur[4] == prev[4]
+    return latencies, gaps, violations, regrants
 
 
 def run_point(system: str, workload: str, connect: dict, server_pids: list[int], clients: int,
@@ -390,9 +397,9 @@ def run_point(system: str, workload: str, connect: dict, server_pids: list[int],
                 p.wait()
     cycles = [c for r in results for c in r["cycles"]]
     gaps: list[float] = []
-    violations = 0
+    violations = regrants = 0
     if base == "handoff":
-        latencies, gaps, violations = handoff_stats(cycles, t0, t1)
+        latencies, gaps, violations, regrants = handoff_stats(cycles, t0, t1)
     else:
         latencies = [x for r in results for x in r["latencies_s"]]
     latencies.sort()
@@ -405,7 +412,7 @@ def run_point(system: str, workload: str, connect: dict, server_pids: list[int],
                  ops_per_s=ops / duration_s,
                  p50_ms=percentile(latencies, 0.50) * 1e3, p99_ms=percentile(latencies, 0.99) * 1e3,
                  gap_p50_ms=percentile(gaps, 0.50) * 1e3, gap_p99_ms=percentile(gaps, 0.99) * 1e3,
-                 exclusion_violations=violations, conflicts=conflicts, conflicts_per_s=conflicts / duration_s,
+                 exclusion_violations=violations, same_holder_regrants=regrants, conflicts=conflicts, conflicts_per_s=conflicts / duration_s,
                  server_cpu_ms_per_op=server_s / ops * 1e3 if ops else float("nan"),
                  client_cpu_percent=client_s / duration_s * 100,
                  other_cpu_percent=max(0.0, (busy1 - busy0) - server_s - client_s) / duration_s * 100,
@@ -430,7 +437,8 @@ def run_plan(system: str, args: argparse.Namespace, connect: dict, server_pids: 
             def profile(name: str = f"{system}-{workload}-{n}") -> Callable[[], None]:
                 return start_profiler(args, profile_pid, f"{name}-{len(args.profiles)}")
         point = run_point(system, workload, connect, server_pids, n, args.duration, profile)
-        extra = (f"gap p50 {point.gap_p50_ms:.2f} ms, exclusion violations {point.exclusion_violations}"
+        extra = (f"gap p50 {point.gap_p50_ms:.2f} ms, exclusion violations {point.exclusion_violations}, "
+                 f"same-holder re-grants {point.same_holder_regrants}"
                  if workload == "handoff" else f"conflicts {point.conflicts}")
         log(f"{system:<9} {workload:<10} {n:>2}: {point.ops_per_s:7.0f}/s  p50 {point.p50_ms:7.2f} ms  "
             f"p99 {point.p99_ms:7.2f} ms  {extra}, server cpu {point.server_cpu_ms_per_op:.2f} ms/op, "
@@ -604,7 +612,7 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
     lines += [
         "",
         "acq: acquire call -> lock granted (includes waiting behind the other contenders); gap: holder calls "
-        "release -> next holder's acquire returns; viol: grants before the previous holder released (must be 0).",
+        "release -> the next grant; viol: grants before the previous holder released (must be 0).",
         "CAS: read the version, then write conditioned on it; writes/s counts successful writes, confl/s the "
         "writes refused because another writer got there first; p50/p99 per read+write.",
         "cpu ms/op: the 3 servers' CPU time over the window / operations. x zk: rate / ZooKeeper's rate.",
