@@ -33,8 +33,8 @@ from typing import Any
 import trio
 
 from chubbyfs.locks import LockMode
-from chubbyfs.raft.node import RaftNode
-from chubbyfs.raft.rawnode import NotLeaderError
+from chubbyfs.raft.node import ProposalLostError, ProposalOutcomeUnknownError, RaftNode
+from chubbyfs.raft.rawnode import NotLeaderError, ProposalDroppedError
 from chubbyfs.raft.types import Role
 from chubbyfs.wire.cell_protocol import HANDLE_OPS, OPEN_FIELDS, value_to_wire
 
@@ -94,6 +94,12 @@ class CellError(Exception):
         super().__init__(message or code)
         self.code = code
         self.message = message
+
+
+# A background proposal (InitCell, Tick, ExtendLeases) that did not go through
+# is retried by the next loop or KeepAlive; it must never end the service.
+_PROPOSAL_FAILED = (NotLeaderError, CellError, ProposalLostError, ProposalDroppedError,
+                    ProposalOutcomeUnknownError)
 
 
 class CellService:
@@ -163,7 +169,7 @@ class CellService:
                 await self._propose(c.InitCell(now_ms=self.clock_ms(), cell=self.cell_name,
                                                admins=tuple(self.admins), secret=self.secret_source(32),
                                                limits=dict(self.limits)))
-        except (NotLeaderError, CellError) as exc:
+        except _PROPOSAL_FAILED as exc:
             log.info("could not take mastership in term %d: %s", term, exc)
             return
         if self.node.role != Role.LEADER or self.node.term != term:
@@ -189,7 +195,7 @@ class CellService:
         if (due is not None and due <= now) or now - self.sm.now_ms >= IDLE_TICK_MS:
             try:
                 await self._propose(c.Tick(now_ms=now))
-            except (NotLeaderError, CellError):
+            except _PROPOSAL_FAILED:
                 pass
 
     # ---- request handling -------------------------------------------------------------
@@ -286,8 +292,11 @@ class CellService:
         if self._lease_batch is not None:
             self._lease_batch.set()
         await batch.wait()
-        if session_id not in self.sm.sessions or self.sm.sessions[session_id].lease_end_ms < lease_end:
+        if session_id not in self.sm.sessions:
             raise CellError("session_expired", f"session {session_id} has ended")
+        if self.sm.sessions[session_id].lease_end_ms < lease_end:
+            # The extension did not commit (e.g. mastership moved): not an expiry.
+            raise CellError("retry", "lease extension not committed; retry the KeepAlive")
         return {"session_id": session_id, "lease_end_ms": lease_end, "lease_ms": lease_end - now}
 
     async def _lease_batcher(self) -> None:
@@ -301,7 +310,7 @@ class CellService:
             done, self._lease_batch_done = self._lease_batch_done, trio.Event()
             try:
                 await self._propose(c.ExtendLeases(now_ms=self.clock_ms(), leases=leases))
-            except (NotLeaderError, CellError) as exc:
+            except _PROPOSAL_FAILED as exc:
                 log.debug("lease extension failed: %s", exc)
             finally:
                 done.set()
