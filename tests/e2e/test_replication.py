@@ -5,7 +5,6 @@ must be readable afterwards."""
 import itertools
 import os
 import shutil
-import signal
 
 import pytest
 import trio
@@ -72,7 +71,7 @@ async def test_whole_cell_restart_keeps_acknowledged_writes(make_cell):
     cell.start_all()
     acked: dict[str, bytes] = {}
     stop = trio.Event()
-    async with open_cell_connection(list(cell.addresses.values()), cell=cell.name) as conn:
+    async with open_cell_connection(list(cell.addresses.values()), cell=cell.name, call_timeout_s=30) as conn:
         await cell.wait_for_leader(conn)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_writer, conn, "a", acked, stop)
@@ -96,7 +95,7 @@ def _newest_wal_file(data_dir):
 async def test_replica_recovers_from_torn_last_write(make_cell, damage):
     cell = make_cell(3)
     cell.start_all()
-    async with open_cell_connection(list(cell.addresses.values()), cell=cell.name) as conn:
+    async with open_cell_connection(list(cell.addresses.values()), cell=cell.name, call_timeout_s=30) as conn:
         leader = await cell.wait_for_leader(conn)
         for i in range(100):
             await conn.call("put", key=f"k{i}", value=b"x" * 100)
@@ -133,7 +132,7 @@ async def test_replica_recovers_from_torn_last_write(make_cell, damage):
 async def test_corrupt_middle_of_log_refuses_to_start(make_cell):
     cell = make_cell(3)
     cell.start_all()
-    async with open_cell_connection(list(cell.addresses.values()), cell=cell.name) as conn:
+    async with open_cell_connection(list(cell.addresses.values()), cell=cell.name, call_timeout_s=30) as conn:
         leader = await cell.wait_for_leader(conn)
         for i in range(200):
             await conn.call("put", key=f"k{i}", value=b"z" * 200)
@@ -156,7 +155,7 @@ async def test_corrupt_middle_of_log_refuses_to_start(make_cell):
 async def test_wiped_replica_rejoins_and_catches_up_by_snapshot(make_cell):
     cell = make_cell(3, snapshot_every=50, snapshot_keep_entries=10)
     cell.start_all()
-    async with open_cell_connection(list(cell.addresses.values()), cell=cell.name) as conn:
+    async with open_cell_connection(list(cell.addresses.values()), cell=cell.name, call_timeout_s=30) as conn:
         leader = await cell.wait_for_leader(conn)
         victim = next(r for r in cell.addresses if r != leader)
         for i in range(300):
