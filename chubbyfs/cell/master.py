@@ -284,7 +284,10 @@ class CellService:
     async def _keep_alive(self, session_id: int) -> dict:
         """Extend the session's lease, replicated before it is promised."""
         if session_id not in self.sm.sessions:
-            raise CellError("session_expired", f"session {session_id} does not exist or has ended")
+            # A deposed master's state may predate the session: decide at a barrier.
+            await self.node.read(None)
+            if session_id not in self.sm.sessions:
+                raise CellError("session_expired", f"session {session_id} does not exist or has ended")
         now = self.clock_ms()
         lease_end = now + self.session_lease_ms
         self._pending_leases[session_id] = lease_end
