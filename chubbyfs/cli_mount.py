@@ -78,7 +78,9 @@ def _setup_logging(args: argparse.Namespace, daemon: bool) -> None:
 
 async def serve_mount(args: argparse.Namespace, cells: dict[str, list[str]],
                       ready: Callable[[str | None], None]) -> int:
-    from chubbyfs.fuse import MountOptions, mount_fs
+    from chubbyfs.fuse import FuseConfig, MountOptions, mount_fs
+    from chubbyfs.fuse.abi import InitFlag
+    from chubbyfs.fuse.negotiate import DEFAULT_WANT
     from chubbyfs.mount.ops import ChubbyOperations, MountConfig
     from chubbyfs.mount.sessions import SessionPool
 
@@ -87,11 +89,15 @@ async def serve_mount(args: argparse.Namespace, cells: dict[str, list[str]],
     allow_other = args.allow_other if args.allow_other is not None else os.geteuid() == 0
     options = MountOptions(fsname="chubbyfs", subtype="chubbyfs", allow_other=allow_other,
                            default_permissions=False)
+    # O_TRUNC must reach open() so that truncation and new contents are one
+    # commit; without it the kernel truncates through a separate setattr.
+    fuse_config = FuseConfig(want=int(DEFAULT_WANT | InitFlag.ATOMIC_O_TRUNC),
+                             require=int(InitFlag.ATOMIC_O_TRUNC))
     async with trio.open_nursery() as nursery:
         pool = SessionPool(nursery, cells, call_timeout_s=args.call_timeout)
         ops = ChubbyOperations(pool, config)
         try:
-            async with mount_fs(args.mountpoint, ops, options) as session:
+            async with mount_fs(args.mountpoint, ops, options, fuse_config) as session:
                 ops.session = session
                 await session.wait_initialized()
                 log.info("mounted %d cell(s) (%s) at %s", len(cells), ", ".join(sorted(cells)),

@@ -36,6 +36,11 @@ class FileBuffer:
         self.base_generation: int | None = None
         self.data: bytearray | None = None  # not None = dirty
         self.too_large = False
+        # Bytes were written since the buffer was made. A buffer that was
+        # only truncated (O_TRUNC) is not committed by a flush: shells open,
+        # dup2 and close the original descriptor before anything is written,
+        # and committing then would show readers an empty file.
+        self.written = False
         # Explicit CAS armed through user.chubby.cas; outlives truncation.
         self.explicit_cas = cas_generation
         self.implicit_cas: int | None = None
@@ -70,6 +75,7 @@ class FileBuffer:
 
     def write(self, offset: int, chunk: bytes) -> int:
         data = self._ensure_buffer()
+        self.written = True
         if self.append:
             offset = len(data)
         end = offset + len(chunk)
@@ -90,6 +96,7 @@ class FileBuffer:
             self.too_large = False
             return
         data = self._ensure_buffer()
+        self.written = True
         if size > self.max_bytes:
             self.too_large = True
             return
@@ -101,16 +108,17 @@ class FileBuffer:
             return len(self.data)
         return None if self.base is None else len(self.base)
 
-    def pending_commit(self) -> Commit | None:
-        """What to send at flush/fsync/close, or None when clean."""
-        if self.data is None:
+    def pending_commit(self, *, final: bool = True) -> Commit | None:
+        """What to send, or None when clean. `final=False` (a flush, which may
+        be one of several closes) skips a buffer that was only truncated."""
+        if self.data is None or (not final and not self.written):
             return None
         expected = self.explicit_cas if self.explicit_cas is not None else self.implicit_cas
         return Commit(bytes(self.data), expected, self.too_large)
 
     def committed(self, contents: bytes, generation: int) -> None:
         self.data = None
-        self.too_large = False
+        self.too_large = self.written = False
         self.implicit_cas = None
         self.explicit_cas = None  # an armed CAS applies to one commit
         self.base, self.base_generation = contents, generation
@@ -118,7 +126,7 @@ class FileBuffer:
     def discard(self) -> None:
         """A failed commit: drop the buffer (the error was reported once)."""
         self.data = None
-        self.too_large = False
+        self.too_large = self.written = False
         self.implicit_cas = None
         self.explicit_cas = None
         self.base = self.base_generation = None
@@ -128,4 +136,4 @@ class FileBuffer:
         if self.data is not None:
             assert len(self.data) <= self.max_bytes
         else:
-            assert not self.too_large and self.implicit_cas is None
+            assert not self.too_large and not self.written and self.implicit_cas is None

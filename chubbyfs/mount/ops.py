@@ -483,6 +483,11 @@ class ChubbyOperations(Operations):
             await self._close_handle(h)
             raise FuseError(errno.EISDIR)
         f = self._open_file(ctx, inode.ino, inode.cell, inode.path, us, h, req.flags)
+        if req.flags & os.O_TRUNC and f.writable:
+            # ATOMIC_O_TRUNC: the truncation is part of the buffer, committed
+            # with the new contents; readers never see the empty file between.
+            assert f.buffer is not None
+            f.buffer.truncate(0)
         return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
 
     def _file(self, fh: int) -> OpenFile:
@@ -523,15 +528,20 @@ class ChubbyOperations(Operations):
             raise FuseError(errno.EBADF)
         self._check_alive(f)
         try:
-            return f.buffer.write(req.offset, req.data)
+            written = f.buffer.write(req.offset, req.data)
         except NeedContents:
             await self._fetch(f)
-            return f.buffer.write(req.offset, req.data)
+            written = f.buffer.write(req.offset, req.data)
+        if f.buffer.too_large:
+            # Like a file size limit: the write that crosses it fails (shells
+            # report write errors but ignore close errors), and so does close.
+            raise FuseError(errno.EFBIG, f"{f.path}: contents over {self.config.max_file_bytes} bytes")
+        return written
 
-    async def _commit(self, f: OpenFile) -> None:
+    async def _commit(self, f: OpenFile, *, final: bool = True) -> None:
         if f.buffer is None:
             return
-        plan = f.buffer.pending_commit()
+        plan = f.buffer.pending_commit(final=final)
         if plan is None:
             return
         if plan.too_large:
@@ -554,7 +564,7 @@ class ChubbyOperations(Operations):
     async def flush(self, ctx: RequestContext, req: rq.Flush) -> None:
         f = self._file(req.fh)
         try:
-            await self._commit(f)
+            await self._commit(f, final=False)
         finally:
             # POSIX record locks end when their process closes any descriptor
             # of the file.

@@ -86,19 +86,31 @@ class ReadHandles:
             del self._handles[path]
         self._nursery.start_soon(self._close, handle)
 
+    def _release_if_ephemeral(self, path: str, handle: Handle, stat: Stat) -> None:
+        # An ephemeral node lives while some handle is open: a cached read
+        # handle would keep it alive after its owner closed it.
+        if stat.ephemeral:
+            self._forget(path, handle)
+
     async def stat(self, path: str) -> Stat:
         async def op(h: Handle) -> Stat | None:
             stat = await h.get_stat()
-            return stat if stat.path == path else None
+            if stat.path != path:
+                return None
+            self._release_if_ephemeral(path, h, stat)
+            return stat
         return await self._with_retry(path, op)
 
     async def list(self, path: str) -> list[DirEntry]:
         async def op(h: Handle) -> list[DirEntry] | None:
             entries = await h.read_dir()
-            prefix = path + "/"
-            if entries:
-                return entries if entries[0].stat.path.startswith(prefix) else None
-            return entries if (await h.get_stat()).path == path else None
+            if entries and not entries[0].stat.path.startswith(path + "/"):
+                return None
+            stat = h.stat if entries else await h.get_stat()
+            if stat.path != path:
+                return None
+            self._release_if_ephemeral(path, h, stat)
+            return entries
         return await self._with_retry(path, op)
 
 

@@ -141,6 +141,8 @@ def test_reads_need_contents_then_serve_the_snapshot() -> None:
 def test_truncate_then_write_is_a_plain_overwrite() -> None:
     b = buf()
     b.truncate(0)
+    assert b.pending_commit(final=False) is None  # a flush before any write commits nothing
+    assert b.pending_commit().contents == b""  # the last close does
     assert b.write(0, b"new") == 3
     c = b.pending_commit()
     assert c is not None and c.contents == b"new" and c.expected_generation is None
