@@ -132,6 +132,7 @@ class ChubbyOperations(Operations):
         self.lock_delays: dict[tuple[str, str], int] = {}  # (cell, path) -> ms for later opens
         self.cas_arms: dict[tuple[int, str], int] = {}  # (ino, principal) -> generation
         self._principals: dict[int, str] = {}
+        self._cell_roots: dict[str, Stat] = {}
         self._started_ns = time.time_ns()
         self._attr_ns = int(self.config.attr_timeout_s * 1e9)
         self._entry_ns = int(self.config.entry_timeout_s * 1e9)
@@ -217,9 +218,17 @@ class ChubbyOperations(Operations):
             cell = req.name.decode("utf-8", "replace")
             if not self.inodes.has_cell(cell):
                 raise FuseError(errno.ENOENT)
+            known = self._cell_roots.get(cell)
+            us = self.pool.peek(cell, self.principal(ctx.uid))
+            if known is not None and (us is None or us.expired):
+                # Cell roots are never deleted: walking into a cell needs no
+                # session, so .chubby/state can still say "expired".
+                return self._node_entry(cell, known)
             us = await self.user_session(ctx, cell)
             with cell_errors(f"lookup cell {cell}"):
-                return self._node_entry(cell, await us.reads.stat(f"/ls/{cell}"))
+                stat = await us.reads.stat(f"/ls/{cell}")
+            self._cell_roots[cell] = stat
+            return self._node_entry(cell, stat)
         if parent.virtual == "control":
             inode = self.inodes.control_file(parent.cell, req.name.decode("utf-8", "replace"))
             if inode is None:
