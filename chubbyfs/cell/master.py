@@ -132,6 +132,10 @@ class CellService:
         self._lease_batch_done = trio.Event()
         self._wake_ticker = trio.Event()
         self._ready = trio.Event()  # set while serving as master
+        # A held KeepAlive returns this long before the lease it renews ends,
+        # leaving the client time to send the next one.
+        self.keep_alive_margin_ms = session_lease_ms // 4
+        self._keep_alive_wakeups: dict[int, trio.Event] = {}
 
     # ---- apply-side hooks (run inside the Raft loop: must not block) -------------
 
@@ -184,6 +188,10 @@ class CellService:
         log.info("no longer master (epoch %d)", self.epoch)
         self.epoch = 0
         self._ready = trio.Event()
+        # Held KeepAlives go back to their clients, which find the new master.
+        for wake in self._keep_alive_wakeups.values():
+            wake.set()
+        self._keep_alive_wakeups.clear()
         # Blocked Acquires are answered by the client retrying at the new master.
         for waiter in self._acquire_waiters.values():
             waiter.close()
@@ -223,7 +231,7 @@ class CellService:
             return {"session_id": created.session_id, "lease_end_ms": created.lease_end_ms,
                     "lease_ms": self.session_lease_ms}
         if op == "keep_alive":
-            return await self._keep_alive(_int(req, "session_id"))
+            return await self._keep_alive(_int(req, "session_id"), bool(req.get("hold", False)))
         if op == "end_session":
             return await self._propose(c.EndSession(now_ms=self.clock_ms(), session_id=_int(req, "session_id")))
         if op == "open":
@@ -281,26 +289,37 @@ class CellService:
             if self._acquire_waiters.get(key) is send:
                 del self._acquire_waiters[key]
 
-    async def _keep_alive(self, session_id: int) -> dict:
-        """Extend the session's lease, replicated before it is promised."""
+    async def _keep_alive(self, session_id: int, hold: bool) -> dict:
+        """A long poll: held until shortly before the lease we promised ends
+        (or until the master has something for the session, or steps down),
+        then the lease is extended, replicated first, and the reply says by
+        how much and how long the request was held, so the client can count
+        its local lease conservatively from its own send time."""
         if session_id not in self.sm.sessions:
-            # A deposed master's state may predate the session: decide at a barrier.
-            await self.node.read(None)
-            if session_id not in self.sm.sessions:
-                raise CellError("session_expired", f"session {session_id} does not exist or has ended")
+            raise CellError("session_expired", f"session {session_id} does not exist or has ended")
+        received_ms = self.clock_ms()
+        promised = self.sm.sessions[session_id].lease_end_ms
+        if hold:
+            hold_until_ms = promised - self.keep_alive_margin_ms
+            wake = self._keep_alive_wakeups.setdefault(session_id, trio.Event())
+            with trio.move_on_after(max(0.0, (hold_until_ms - received_ms) / 1000)):
+                await wake.wait()
+            if self._keep_alive_wakeups.get(session_id) is wake and wake.is_set():
+                del self._keep_alive_wakeups[session_id]
+            if not self.epoch:
+                raise NotLeaderError(self.node.leader)
         now = self.clock_ms()
         lease_end = now + self.session_lease_ms
-        self._pending_leases[session_id] = lease_end
+        self._pending_leases[session_id] = max(lease_end, self._pending_leases.get(session_id, 0))
         batch = self._lease_batch_done
         if self._lease_batch is not None:
             self._lease_batch.set()
         await batch.wait()
-        if session_id not in self.sm.sessions:
+        session = self.sm.sessions.get(session_id)
+        if session is None or session.lease_end_ms < lease_end:
             raise CellError("session_expired", f"session {session_id} has ended")
-        if self.sm.sessions[session_id].lease_end_ms < lease_end:
-            # The extension did not commit (e.g. mastership moved): not an expiry.
-            raise CellError("retry", "lease extension not committed; retry the KeepAlive")
-        return {"session_id": session_id, "lease_end_ms": lease_end, "lease_ms": lease_end - now}
+        return {"session_id": session_id, "lease_ms": self.session_lease_ms,
+                "held_ms": max(0, now - received_ms)}
 
     async def _lease_batcher(self) -> None:
         """One ExtendLeases entry for all KeepAlives that arrive together."""

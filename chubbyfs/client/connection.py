@@ -66,11 +66,13 @@ class CellConnection:
         self._preferred: str | None = None
         self._rotation = itertools.cycle(random.sample(self.addresses, len(self.addresses)))
 
-    async def call(self, op: str, *, idempotent: bool = True, **args: Any) -> dict:
+    async def call(self, op: str, *, idempotent: bool = True, timeout_s: float | None = None,
+                   **args: Any) -> dict:
         """Send one request to the master and return its successful reply."""
         backoff = 0.01
         last = "no replica reachable"
-        with trio.move_on_after(self.call_timeout_s):
+        timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
+        with trio.move_on_after(timeout_s):
             while True:
                 try:
                     link = await self._get_link()
@@ -104,7 +106,7 @@ class CellConnection:
                 if err in AMBIGUOUS:
                     raise CellError("unknown_outcome", reply.get("message", err))
                 raise CellError(err, reply.get("message", ""))
-        raise CellUnavailableError("unavailable", f"no master answered within {self.call_timeout_s}s ({last})")
+        raise CellUnavailableError("unavailable", f"no master answered within {timeout_s}s ({last})")
 
     async def call_replica(self, address: str, op: str, *, timeout_s: float = 2.0, **args: Any) -> dict:
         """One request to one specific replica, no redirects (for status)."""

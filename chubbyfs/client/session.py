@@ -26,6 +26,7 @@ from chubbyfs.wire.cell_protocol import Stat
 from chubbyfs._trio_util import single_errors
 
 from .connection import CellConnection, CellError
+from .session_core import DEFAULT_GRACE_MS, SessionLeaseCore, SessionState, StateChange
 
 INTENT_READ, INTENT_WRITE, INTENT_LOCK, INTENT_CHANGE_ACL = 1, 2, 4, 8
 _CREATE = {None: 0, "file": 1, "directory": 2}
@@ -50,13 +51,47 @@ def cell_of(path: str) -> str:
 
 
 class Session:
-    def __init__(self, conn: CellConnection, session_id: int, lease_ms: int, *, lease_start: float) -> None:
+    """A Chubby session. Its state (safe / jeopardy / expired) follows the
+    local lease; `state_changes()` lets the application hear it, e.g. to
+    stop acting as primary before its lease is gone."""
+
+    def __init__(self, conn: CellConnection, session_id: int, lease_ms: int, *, lease_start: float,
+                 grace_ms: int = DEFAULT_GRACE_MS) -> None:
         self.conn = conn
         self.id = session_id
         self.lease_ms = lease_ms
-        self.expired = False
-        # Conservative: the lease counts from when we asked for it.
-        self._lease_deadline = lease_start + lease_ms / 1000
+        self.core = SessionLeaseCore(now_ms=lease_start * 1000, lease_ms=lease_ms, grace_ms=grace_ms)
+        self._changed = trio.Event()
+        self._history: list[StateChange] = []
+
+    @property
+    def state(self) -> SessionState:
+        return self.core.state
+
+    @property
+    def expired(self) -> bool:
+        return self.core.state == SessionState.EXPIRED
+
+    async def state_changes(self) -> AsyncIterator[StateChange]:
+        """Every state change from now on, in order, until the session expires."""
+        seen = len(self._history)
+        while True:
+            while seen < len(self._history):
+                change = self._history[seen]
+                seen += 1
+                yield change
+                if change.state == SessionState.EXPIRED:
+                    return
+            if self.expired:
+                return
+            await self._changed.wait()
+
+    def _publish(self) -> None:
+        changes = self.core.take_changes()
+        if changes:
+            self._history.extend(changes)
+            self._changed.set()
+            self._changed = trio.Event()
 
     async def _call(self, op: str, *, idempotent: bool, **args: Any) -> Any:
         if self.expired:
@@ -65,7 +100,8 @@ class Session:
             reply = await self.conn.call(op, idempotent=idempotent, session_id=self.id, **args)
         except CellError as exc:
             if exc.code == "session_expired":
-                self.expired = True
+                self.core.master_says_expired(trio.current_time() * 1000)
+                self._publish()
                 raise SessionExpiredError(exc.code, exc.message) from None
             raise
         return reply["value"]
@@ -96,32 +132,45 @@ class Session:
         return value["valid"], value["reason"]
 
     async def keep_alive_forever(self) -> None:
-        """Renew the lease at a third of its length; on failure, keep trying
-        until the lease is surely gone, then mark the session expired."""
-        while not self.expired:
-            await trio.sleep(self.lease_ms / 3000)
-            sent_at = trio.current_time()
-            try:
-                with trio.move_on_at(self._lease_deadline):
-                    value = await self._call("keep_alive", idempotent=True)
-                    # Count the lease from when we asked, not when we heard:
-                    # the reply may have been delayed.
-                    self._lease_deadline = sent_at + value["lease_ms"] / 1000
+        """One KeepAlive always outstanding (the master holds it until shortly
+        before the lease ends), and a timer that moves the session into
+        jeopardy and expiry when the local lease and grace period run out."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._lease_timer)
+            while not self.expired:
+                sent_at = trio.current_time()
+                try:
+                    value = await self._call("keep_alive", idempotent=True, hold=True,
+                                             timeout_s=(self.lease_ms + self.core.grace_ms) / 1000)
+                except SessionExpiredError:
+                    break
+                except CellError:
+                    await trio.sleep(0.1)  # no master yet; the timer decides our fate
                     continue
-                self.expired = True
-            except SessionExpiredError:
+                self.core.keep_alive_succeeded(sent_at_ms=sent_at * 1000,
+                                               lease_ms=value["held_ms"] + value["lease_ms"],
+                                               now_ms=trio.current_time() * 1000)
+                self._publish()
+            nursery.cancel_scope.cancel()
+
+    async def _lease_timer(self) -> None:
+        while not self.expired:
+            deadline = self.core.next_deadline_ms()
+            if deadline is None:
                 return
-            except CellError:
-                if trio.current_time() >= self._lease_deadline:
-                    self.expired = True
+            with trio.move_on_at(deadline / 1000):
+                await self._changed.wait()
+            self.core.tick(trio.current_time() * 1000)
+            self._publish()
 
     async def close(self) -> None:
         if not self.expired:
-            self.expired = True
             try:
                 await self.conn.call("end_session", idempotent=True, session_id=self.id)
             except CellError:
                 pass
+            self.core.master_says_expired(trio.current_time() * 1000)
+            self._publish()
 
 
 class Handle:
