@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import AsyncExitStack
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,8 +166,20 @@ async def _chubbyfs_worker(spec: dict) -> None:
     from chubbyfs.client.session import open_session
 
     cell = spec["cell"]
-    # A blocked Acquire is one call: give it longer than any queue wait.
-    async with open_session(cell, addresses=spec["addresses"], call_timeout_s=120.0) as session:
+    async with AsyncExitStack() as stack:
+        for attempt in range(10):
+            try:
+                # A blocked Acquire is one call: give it longer than any queue wait.
+                session = await stack.enter_async_context(
+                    open_session(cell, addresses=spec["addresses"], call_timeout_s=120.0))
+                break
+            except CellError as exc:
+                # Sessions created concurrently can reach the log out of id order,
+                # and the cell then refuses the later-numbered one as
+                # invalid_argument; nothing was created, so ask again.
+                if exc.code != "invalid_argument" or attempt == 9:
+                    raise
+                await trio.sleep(0.01 * (attempt + 1))
         if spec["workload"] == "handoff":
             handle = await session.open(f"/ls/{cell}/{LOCK_NAME}", write=True, lock=True, create="file")
         else:
@@ -475,6 +488,10 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path) -> dict:
                    + [a for rid, a in cell.addresses.items() if rid != leader]}
         pids = [p.pid for p in cell.procs.values()]
         points = run_plan("chubbyfs", args, connect, pids, profile_pid=cell.procs[leader].pid)
+        if any(p.errors for p in points):
+            # Failed calls: show whether mastership moved (each new master logs its epoch).
+            for rid in cell.addresses:
+                log(f"--- chubbyfs replica {rid} log (tail):\n{cell.log_text(rid)[-1500:]}")
     finally:
         cell.stop_all()
     return {"points": points, "version": "this tree"}
