@@ -358,7 +358,6 @@ class ChubbyOperations(Operations):
         parent = self.inode(req.nodeid)
         _, path = self._new_child_path(parent, req.name)
         us = await self.user_session(ctx, parent.cell)
-        acc = req.flags & os.O_ACCMODE
         with cell_errors(f"create {path}"):
             h = await us.session.open(
                 path, read=True, write=True, create="file",
@@ -369,9 +368,11 @@ class ChubbyOperations(Operations):
             raise FuseError(errno.EISDIR)
         entry = self._node_entry(parent.cell, h.stat)
         f = self._open_file(ctx, entry.nodeid, parent.cell, path, us, h, req.flags)
+        assert f.buffer is not None
         if h.created:
-            assert f.buffer is not None
             f.buffer.load(b"", h.stat.content_generation)
+        elif req.flags & os.O_TRUNC:
+            f.buffer.truncate(0)  # created meanwhile by someone else: O_TRUNC still applies
         return CreateOut(entry, OpenOut(f.fh, abi.FOPEN_DIRECT_IO))
 
     async def _remove(self, ctx: RequestContext, parent_ino: int, raw_name: bytes, *, directory: bool) -> None:
@@ -600,8 +601,6 @@ class ChubbyOperations(Operations):
             f.locks.clear()
             if f.handle is not None:
                 await self._close_handle(f.handle)
-            for kh in f.poll_khs:
-                self._notify(NotifyPoll(kh))
 
     async def _close_handle(self, handle: Handle) -> None:
         with trio.CancelScope(shield=True):

@@ -243,9 +243,9 @@ def test_bad_input_gets_the_documented_error_and_changes_nothing(mounts: Setup) 
         assert out.returncode != 0 and message in out.stderr, (cmd, out.stderr)
     assert os.listdir(d2) == ["f"] and xattr(d / "f", "content_gen") == gen
     sh("touch f && chmod 644 f", d)  # restating what is there is fine
-    probe = (f"import fcntl, os\nfd = os.open('f', os.O_RDWR)\n"
-             f"try:\n    fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)\nexcept OSError as e:\n    print(e.errno)\n"
-             f"fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('whole-file ok')")
+    probe = ("import fcntl, os\nfd = os.open('f', os.O_RDWR)\n"
+             "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)\nexcept OSError as e:\n    print(e.errno)\n"
+             "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('whole-file ok')")
     out = sh(f"{PY} -c \"{probe}\"", d).stdout.split()
     assert out == [str(errno.EOPNOTSUPP), "whole-file", "ok"]
 
