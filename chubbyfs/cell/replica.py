@@ -117,29 +117,45 @@ class Replica:
 
     async def _serve_client(self, framed: FramedStream, principal: str) -> None:
         """Requests on one connection run concurrently; each reply carries the
-        request's id so the client can match them."""
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    request = await framed.receive()
-                except (EOFError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    log.debug("client connection ended: %s", exc)
-                    break
-                nursery.start_soon(self._answer, framed, request, principal)
-            # The client is gone: nobody is left to answer, so stop waiting
-            # (a blocked Acquire, say) on its behalf.
-            nursery.cancel_scope.cancel()
+        request's id so the client can match them. Replies that become ready
+        together (one Raft apply answers many) leave in one write."""
+        outbox: list[dict] = []
+        ready = trio.Event()
 
-    async def _answer(self, framed: FramedStream, request: Any, principal: str) -> None:
-        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-            reply: dict = {"error": "bad_request", "message": "a request is a map with an 'op' string"}
-        else:
-            reply = await self.handle(request, principal)
-        reply["id"] = request.get("id") if isinstance(request, dict) else None
+        async def write_replies() -> None:
+            nonlocal ready
+            while True:
+                await ready.wait()
+                ready = trio.Event()
+                batch = outbox[:]
+                outbox.clear()
+                await framed.send_many(batch)
+
+        async def answer(request: Any) -> None:
+            if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+                reply: dict = {"error": "bad_request", "message": "a request is a map with an 'op' string"}
+            else:
+                reply = await self.handle(request, principal)
+            reply["id"] = request.get("id") if isinstance(request, dict) else None
+            outbox.append(reply)
+            ready.set()
+
         try:
-            await framed.send(reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_replies)
+                while True:
+                    try:
+                        request = await framed.receive()
+                    except (EOFError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError,
+                            OSError) as exc:
+                        log.debug("client connection ended: %s", exc)
+                        break
+                    nursery.start_soon(answer, request)
+                # The client is gone: nobody is left to answer, so stop
+                # waiting (a blocked Acquire, say) on its behalf.
+                nursery.cancel_scope.cancel()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.debug("client went away before its replies were written")
 
     async def handle(self, request: dict, principal: str = "anonymous") -> dict:
         op = request["op"]

@@ -20,6 +20,10 @@ from chubbyfs._trio_util import single_errors
 from chubbyfs.wire.framing import FrameError
 from chubbyfs.wire.stream import FramedStream, open_framed, parse_address
 
+# Short: while a master is being elected, a retry every 100 ms finds the new
+# one within a tick of its election and costs the cell little.
+MAX_BACKOFF_S = 0.1
+DOWN_MEMORY_S = 1.0
 RETRYABLE_ALWAYS = {"not_leader", "lost", "retry"}
 # The request may or may not have taken effect; only idempotent calls retry.
 AMBIGUOUS = {"timeout", "unavailable"}
@@ -65,6 +69,7 @@ class CellConnection:
         self._ids = itertools.count(1)
         self._preferred: str | None = None
         self._rotation = itertools.cycle(random.sample(self.addresses, len(self.addresses)))
+        self._down_until: dict[str, float] = {}
 
     async def call(self, op: str, *, idempotent: bool = True, timeout_s: float | None = None,
                    **args: Any) -> dict:
@@ -84,24 +89,25 @@ class CellConnection:
                         raise CellError("unknown_outcome", f"connection lost after sending: {last}") from None
                     self._preferred = None
                     await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 0.5)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
                     continue
                 err = reply.get("error")
                 if err is None:
                     return reply
                 if err == "not_leader":
-                    self._preferred = reply.get("leader_address")
+                    hint = reply.get("leader_address")
+                    self._preferred = hint if self._down_until.get(hint, 0) <= trio.current_time() else None
                     if self._link is not None and self._link.address != self._preferred:
                         await self._drop_link()
                     last = "replica is not the master" + ("" if self._preferred else "; no master known")
                     if not self._preferred:
                         await trio.sleep(backoff)
-                        backoff = min(backoff * 2, 0.5)
+                        backoff = min(backoff * 2, MAX_BACKOFF_S)
                     continue
                 if err in RETRYABLE_ALWAYS or (err in AMBIGUOUS and idempotent):
                     last = f"{err}: {reply.get('message', '')}"
                     await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 0.5)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
                     continue
                 if err in AMBIGUOUS:
                     raise CellError("unknown_outcome", reply.get("message", err))
@@ -142,13 +148,29 @@ class CellConnection:
                 return link
             if link is not None:
                 await self._drop_link()
-            address = self._preferred or next(self._rotation)
+            address = self._preferred or self._next_candidate()
             self._preferred = None
             host, port = parse_address(address)
-            framed, _ = await open_framed(host, port, {"kind": "client", "cell": self.cell, "principal": self.principal})
+            try:
+                framed, _ = await open_framed(host, port, {"kind": "client", "cell": self.cell,
+                                                           "principal": self.principal})
+            except (OSError, trio.TooSlowError):
+                # Remember the refusal: during a failover the survivors keep
+                # naming the dead master for a while, and following that hint
+                # again would only cost another back-off.
+                self._down_until[address] = trio.current_time() + DOWN_MEMORY_S
+                raise
             link = self._link = _Link(address, framed)
             self._nursery.start_soon(self._read_replies, link)
             return link
+
+    def _next_candidate(self) -> str:
+        now = trio.current_time()
+        for _ in range(len(self.addresses)):
+            address = next(self._rotation)
+            if self._down_until.get(address, 0) <= now:
+                return address
+        return next(self._rotation)
 
     async def _read_replies(self, link: _Link) -> None:
         try:

@@ -271,16 +271,28 @@ class RaftNode:
                         break
                     self.raw.step(msg)
                 while self.raw.has_ready():
-                    self._handle_ready(self.raw.ready())
+                    await self._handle_ready(self.raw.ready())
                 # Let proposers and readers run so their requests batch into
                 # the next Ready (group commit).
                 await trio.lowlevel.checkpoint()
         finally:
             self._fail_all(NodeStoppedError(f"replica {self.id} stopped"))
 
-    def _handle_ready(self, rd: Ready) -> None:
+    async def _handle_ready(self, rd: Ready) -> None:
         if rd.soft_state is not None:
             self._on_soft_state(rd.soft_state.role, rd.soft_state.leader)
+        # A leader may replicate its new entries while it writes them itself
+        # (Raft §10.2.1; the core counts the leader's own copy only once
+        # persisted): hand the APPENDs to the transport and let its tasks put
+        # them on the wire before our fsync, so the followers' fsyncs overlap
+        # ours. Anything else (votes, acknowledgements) waits for the disk.
+        early = self.role == Role.LEADER and rd.snapshot is None and (
+            rd.hard_state is None or rd.hard_state.term == self.term)
+        send = self.transport.send
+        if early and rd.messages:
+            for m in rd.messages:
+                send(m)
+            await trio.lowlevel.checkpoint()
         st = self.storage
         if rd.snapshot is not None:
             st.apply_snapshot(rd.snapshot)
@@ -296,9 +308,9 @@ class RaftNode:
             if self._trace:
                 hs = rd.hard_state
                 self._trace("hard_state", {"term": hs.term, "vote": hs.vote, "commit": hs.commit})
-        send = self.transport.send
-        for m in rd.messages:
-            send(m)
+        if not early:
+            for m in rd.messages:
+                send(m)
         if rd.snapshot is not None:
             self._apply_snapshot(rd)
         if rd.committed_entries:
