@@ -11,6 +11,7 @@ connections.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 import os
 import random
 from functools import partial
@@ -131,6 +132,11 @@ class Replica:
                 outbox.clear()
                 await framed.send_many(batch)
 
+        def deliver(reply: dict, request_id: Any) -> None:
+            reply["id"] = request_id
+            outbox.append(reply)
+            ready.set()
+
         async def answer(request: Any) -> None:
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                 reply: dict = {"error": "bad_request", "message": "a request is a map with an 'op' string"}
@@ -150,7 +156,8 @@ class Replica:
                             OSError) as exc:
                         log.debug("client connection ended: %s", exc)
                         break
-                    nursery.start_soon(answer, request)
+                    if not (self.service is None and self._answer_kv_inline(request, deliver)):
+                        nursery.start_soon(answer, request)
                 # The client is gone: nobody is left to answer, so stop
                 # waiting (a blocked Acquire, say) on its behalf.
                 nursery.cancel_scope.cancel()
@@ -167,18 +174,36 @@ class Replica:
             if self.service is not None:
                 return await self.service.handle(request, principal)
             return await self._handle_kv(op, request)
-        except NotLeaderError as exc:
-            leader = exc.leader
-            address = self.cell.addresses().get(leader) if leader else None
-            return {"error": "not_leader", "leader": leader, "leader_address": address}
-        except ProposalLostError as exc:
-            return {"error": "lost", "message": str(exc)}
-        except ProposalDroppedError as exc:
-            return {"error": "retry", "message": str(exc) or "proposal dropped; retry"}
-        except ProposalOutcomeUnknownError as exc:  # includes the replica stopping
-            return {"error": "unavailable", "message": str(exc)}
-        except (KeyError, ValueError, TypeError) as exc:
-            return {"error": "bad_request", "message": f"{type(exc).__name__}: {exc}"}
+        except (NotLeaderError, ProposalLostError, ProposalDroppedError, ProposalOutcomeUnknownError,
+                KeyError, ValueError, TypeError) as exc:
+            return _error_reply(self.cell, exc)
+
+    def _answer_kv_inline(self, request: Any, deliver: Callable[[dict, Any], None]) -> bool:
+        """The register's hot path, without a task per request: a lease read
+        is answered at once, a write from the apply step that commits it.
+        False: not handled here (the general path answers it)."""
+        if not isinstance(request, dict):
+            return False
+        op, request_id = request.get("op"), request.get("id")
+        try:
+            if op == "get":
+                answered, answer = self.node.read_nowait(("get", _key(request)))
+                if answered:
+                    deliver({"ok": True, **answer}, request_id)
+                return answered
+            if op not in ("put", "cas"):
+                return False
+            command = (kv.encode_put(_key(request), _bytes(request, "value")) if op == "put"
+                       else kv.encode_cas(_key(request), request.get("expected"), _bytes(request, "value")))
+
+            def done(result: Any, error: BaseException | None) -> None:
+                deliver(result if error is None else _error_reply(self.cell, error), request_id)
+
+            self.node.propose_nowait(command, done)
+            return True
+        except (NotLeaderError, ProposalDroppedError, ValueError) as exc:
+            deliver(_error_reply(self.cell, exc), request_id)
+            return True
 
     async def _handle_kv(self, op: str, request: dict) -> dict:
         if op == "get":
@@ -212,6 +237,20 @@ class Replica:
         if self.service is not None:
             st["master"] = self.service.statistics()
         return st
+
+
+def _error_reply(cell: CellConfig, exc: BaseException) -> dict:
+    """The wire answer for an exception from the Raft layer or a bad request."""
+    if isinstance(exc, NotLeaderError):
+        address = cell.addresses().get(exc.leader) if exc.leader else None
+        return {"error": "not_leader", "leader": exc.leader, "leader_address": address}
+    if isinstance(exc, ProposalLostError):
+        return {"error": "lost", "message": str(exc)}
+    if isinstance(exc, ProposalDroppedError):
+        return {"error": "retry", "message": str(exc) or "proposal dropped; retry"}
+    if isinstance(exc, ProposalOutcomeUnknownError):  # includes the replica stopping
+        return {"error": "unavailable", "message": str(exc)}
+    return {"error": "bad_request", "message": f"{type(exc).__name__}: {exc}"}
 
 
 def _key(request: dict) -> str:
