@@ -296,7 +296,11 @@ class CellService:
         how much and how long the request was held, so the client can count
         its local lease conservatively from its own send time."""
         if session_id not in self.sm.sessions:
-            raise CellError("session_expired", f"session {session_id} does not exist or has ended")
+            # Our applied state may be behind (a deposed master, or one still
+            # catching up): decide "gone" only after a read barrier.
+            await self.node.read(None)
+            if session_id not in self.sm.sessions:
+                raise CellError("session_expired", f"session {session_id} does not exist or has ended")
         received_ms = self.clock_ms()
         promised = self.sm.sessions[session_id].lease_end_ms
         if hold:
@@ -316,8 +320,12 @@ class CellService:
             self._lease_batch.set()
         await batch.wait()
         session = self.sm.sessions.get(session_id)
-        if session is None or session.lease_end_ms < lease_end:
+        if session is None:
             raise CellError("session_expired", f"session {session_id} has ended")
+        if session.lease_end_ms < lease_end:
+            # The extension did not commit (mastership moved, say): the
+            # session lives on; the client asks again, maybe elsewhere.
+            raise CellError("retry", f"lease extension of session {session_id} not committed")
         return {"session_id": session_id, "lease_ms": self.session_lease_ms,
                 "held_ms": max(0, now - received_ms)}
 
