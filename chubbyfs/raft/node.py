@@ -191,8 +191,13 @@ class RaftNode:
 
         Raises NotLeaderError (with .leader) if this replica is not the leader,
         ProposalLostError if another leader's entry took its place.
+
+        The entry is appended before this coroutine first yields, so proposals
+        made in turn by one task reach the log in that order (the master
+        relies on it for increasing session ids).
         """
-        await self._resumed.wait()
+        if not self._resumed.is_set():
+            await self._resumed.wait()
         index, term = self.raw.propose(command)
         return await self._await_index(index, term)
 
