@@ -32,6 +32,17 @@ HANDLE_OPS: dict[str, tuple[tuple[str, ...], bool]] = {
     "set_sequencer": (("sequencer",), False),
 }
 
+# KeepAlive replies carry `items`: [seq, kind, handle_id, path, name], one
+# per-session sequence for invalidations and events alike. `kind` is one of
+# these or an event kind bit (the cell's EventKind values, 1..64).
+ITEM_INVALIDATE = 0  # drop cached state of `path`
+ITEM_MASTER_FAILOVER = 128  # a new master: flush the whole cache, events may be lost
+ITEM_EVENTS_LOST = 256  # the session fell too far behind: flush everything
+# Optional request fields: `keep_alive` takes `ack` (last seq processed; a
+# KeepAlive without it acks on delivery, for clients that neither cache nor
+# watch) and `ack_epoch`; read-only handle calls take `cache: true`, and their
+# reply then has `cacheable`, `seq`, `epoch` and `cache_path` beside `value`.
+
 OPEN_FIELDS = ("path", "intent", "create", "exclusive", "ephemeral", "contents", "acl", "events",
                "lock_delay_ms")
 
