@@ -15,7 +15,17 @@ replica layer does for us via NotLeaderError). The master:
   replicated watermarks never expires a session earlier than the old master
   promised (the Chubby failover rule);
 - proposes Tick when stamped time must move for an idle cell (a lease or a
-  lock-delay ending).
+  lock-delay ending);
+- keeps the consistent client cache (`cache_registry.py`): a read may be
+  cached only while its path is not being modified; before a change is
+  proposed, every session caching an affected path is sent an invalidation
+  and the change waits until each has acknowledged it (its next KeepAlive
+  `ack`s it) or its lease has run out. With no cachers it is proposed at once;
+- delivers events and invalidations on KeepAlive replies, one sequence per
+  session, re-sent until acknowledged;
+- on taking over, extends every session's lease (the lease clock stops
+  while there is no master) and sends each session a fail-over item; until a
+  session acknowledges it, it counts as caching everything.
 
 Master epoch = the Raft term in which this replica became leader; handles
 carry the epoch they were made in.
@@ -39,6 +49,8 @@ from chubbyfs.raft.types import Role
 from chubbyfs.wire.cell_protocol import HANDLE_OPS, OPEN_FIELDS, value_to_wire
 
 from . import commands as c
+from . import names
+from .cache_registry import CacheRegistry
 from .commands import ApplyResult, ErrorCode, LockWakeup, MalformedCommand, Result
 from .handles import HandleRef
 from .state_machine import CellStateMachine
@@ -49,6 +61,7 @@ DEFAULT_SESSION_LEASE_MS = 12_000
 IDLE_TICK_MS = 1_000  # stamped time moves at least this often on an idle cell
 LEASE_BATCH_S = 0.005  # KeepAlives arriving together share one ExtendLeases entry
 PROPOSAL_TIMEOUT_S = 10.0
+CACHEABLE_OPS = ("get_contents_and_stat", "get_stat", "read_dir")
 
 _OP_CLASSES: dict[str, type] = {
     "close": c.Close, "get_contents_and_stat": c.GetContentsAndStat, "get_stat": c.GetStat,
@@ -87,6 +100,16 @@ class ObservedStateMachine:
 
     def restore(self, data: bytes) -> None:
         self.sm.restore(data)
+
+
+class _Reply:
+    """A value plus reply fields beside it (a cacheable read's `cacheable`, ...)."""
+
+    __slots__ = ("value", "extra")
+
+    def __init__(self, value: Any, extra: dict) -> None:
+        self.value = value
+        self.extra = extra
 
 
 class CellError(Exception):
@@ -136,6 +159,8 @@ class CellService:
         # leaving the client time to send the next one.
         self.keep_alive_margin_ms = session_lease_ms // 4
         self._keep_alive_wakeups: dict[int, trio.Event] = {}
+        self.cache = CacheRegistry()
+        self._cache_changed = trio.Event()  # an ack, an expiry or a session end settled waits
 
     # ---- apply-side hooks (run inside the Raft loop: must not block) -------------
 
@@ -146,6 +171,33 @@ class CellService:
                 waiter.send_nowait(wakeup)
         if result.wakeups or result.ended_sessions:
             self._wake_ticker.set()
+        if not self.epoch:
+            return  # cache bookkeeping lives only on the serving master
+        woken = self.cache.queue_events((e.session_id, int(e.kind), e.handle_id, e.path, e.name)
+                                        for e in result.events)
+        if result.invalidated_paths:
+            # Changes announced before proposing have no cachers left; this
+            # catches the rest (lock grants, expiries inside a command), and
+            # parents because listings carry their children's stats.
+            paths = set(result.invalidated_paths)
+            paths.update(names.parent_of(path) for path in result.invalidated_paths)
+            woken |= self.cache.invalidate_now(sorted(paths))
+        for session_id in result.ended_sessions:
+            woken.discard(session_id)
+            if self.cache.session_ended(session_id):
+                self._notify_cache()
+        self._wake(woken)
+
+    def _wake(self, session_ids: set[int]) -> None:
+        """Held KeepAlives of these sessions have something to deliver."""
+        for session_id in session_ids:
+            wake = self._keep_alive_wakeups.pop(session_id, None)
+            if wake is not None:
+                wake.set()
+
+    def _notify_cache(self) -> None:
+        self._cache_changed.set()
+        self._cache_changed = trio.Event()
 
     # ---- background: mastership, bootstrap, ticks -----------------------------------
 
@@ -176,8 +228,24 @@ class CellService:
         except _PROPOSAL_FAILED as exc:
             log.info("could not take mastership in term %d: %s", term, exc)
             return
+        try:
+            # The lease clock stops while there is no master (Chubby §2.9):
+            # every session gets a full lease from now, replicated before we
+            # serve. Stamped with the last stamped time, so that applying it
+            # expires nobody whose lease ran out during the election.
+            leases = self.sm.session_lease_ends()
+            if leases:
+                now = self.clock_ms()
+                await self._propose(c.ExtendLeases(
+                    now_ms=self.sm.now_ms,
+                    leases={sid: max(end, now + self.session_lease_ms) for sid, end in leases.items()}))
+        except _PROPOSAL_FAILED as exc:
+            log.info("could not extend leases in term %d: %s", term, exc)
+            return
         if self.node.role != Role.LEADER or self.node.term != term:
             return
+        self.cache.reset()
+        self.cache.fail_over(self.sm.session_lease_ends())
         self.epoch = term
         # Session ids: strictly increasing for the cell's life (term-major).
         self._session_ids = itertools.count((term << 32) + 1)
@@ -188,6 +256,8 @@ class CellService:
         log.info("no longer master (epoch %d)", self.epoch)
         self.epoch = 0
         self._ready = trio.Event()
+        self.cache.reset()
+        self._notify_cache()
         # Held KeepAlives go back to their clients, which find the new master.
         for wake in self._keep_alive_wakeups.values():
             wake.set()
@@ -202,7 +272,8 @@ class CellService:
         due = self.sm.next_deadline_ms()
         if (due is not None and due <= now) or now - self.sm.now_ms >= IDLE_TICK_MS:
             try:
-                await self._propose(c.Tick(now_ms=now))
+                # Sessions this Tick expires take their ephemeral nodes along.
+                await self._modify(c.Tick(now_ms=now), ())
             except _PROPOSAL_FAILED:
                 pass
 
@@ -217,6 +288,8 @@ class CellService:
             return {"error": exc.code, "message": exc.message}
         except MalformedCommand as exc:
             return {"error": "bad_request", "message": str(exc)}
+        if isinstance(value, _Reply):
+            return {"ok": True, "value": value_to_wire(value.value), **value.extra}
         return {"ok": True, "value": value_to_wire(value)}
 
     async def _dispatch(self, op: str, req: dict, principal: str) -> Any:
@@ -229,21 +302,32 @@ class CellService:
             created = await self._propose(c.CreateSession(now_ms=now, session_id=sid,
                                                           lease_end_ms=now + self.session_lease_ms))
             return {"session_id": created.session_id, "lease_end_ms": created.lease_end_ms,
-                    "lease_ms": self.session_lease_ms}
+                    "lease_ms": self.session_lease_ms, "epoch": self.epoch}
         if op == "keep_alive":
-            return await self._keep_alive(_int(req, "session_id"), bool(req.get("hold", False)))
+            ack = req.get("ack")
+            if ack is not None:
+                ack = _int(req, "ack")
+            return await self._keep_alive(_int(req, "session_id"), bool(req.get("hold", False)), ack,
+                                          req.get("ack_epoch"))
+        session_id = _int(req, "session_id")
         if op == "end_session":
-            return await self._propose(c.EndSession(now_ms=self.clock_ms(), session_id=_int(req, "session_id")))
+            return await self._modify(c.EndSession(now_ms=self.clock_ms(), session_id=session_id),
+                                      self._session_ephemeral_paths(session_id))
+        await self._await_failover_ack(session_id)
         if op == "open":
             fields = {k: req[k] for k in OPEN_FIELDS if k in req}
             if "acl" in fields:
                 fields["acl"] = tuple(fields["acl"])
-            return await self._propose(c.Open(now_ms=self.clock_ms(), session_id=_int(req, "session_id"),
-                                              principal=principal, epoch=self.epoch, **fields))
+            cmd = c.Open(now_ms=self.clock_ms(), session_id=session_id, principal=principal,
+                         epoch=self.epoch, **fields)
+            if not cmd.create:
+                return await self._propose(cmd)
+            path = _field(req, "path")
+            return await self._modify(cmd, (path, names.parent_of(path)) if isinstance(path, str) else ())
         if op == "rename":
-            return await self._propose(c.Rename(now_ms=self.clock_ms(), session_id=_int(req, "session_id"),
-                                                principal=principal, src_path=_field(req, "src_path"),
-                                                dst_path=_field(req, "dst_path")))
+            cmd = c.Rename(now_ms=self.clock_ms(), session_id=session_id, principal=principal,
+                           src_path=_field(req, "src_path"), dst_path=_field(req, "dst_path"))
+            return await self._modify(cmd, *self._rename_paths(cmd.src_path, cmd.dst_path))
         spec = HANDLE_OPS.get(op)
         if spec is None:
             raise CellError("bad_request", f"unknown op {op!r}")
@@ -258,10 +342,111 @@ class CellService:
         cmd = _OP_CLASSES[op](now_ms=self.clock_ms(), session_id=_int(req, "session_id"),
                               principal=principal, handle=handle, **kwargs)
         if read_only:
-            return await self._read(cmd)
+            value = await self._read(cmd)
+            if op not in CACHEABLE_OPS or req.get("cache") is not True:
+                return value
+            # No await since the read: its result and the registration are
+            # one step, so no modification can begin between them.
+            path = self._node_path(handle)
+            cacheable = path is not None and self.cache.may_cache(session_id, path)
+            return _Reply(value, {"cacheable": cacheable, "seq": self.cache.last_seq(session_id),
+                                  "epoch": self.epoch, "cache_path": path or ""})
         if op == "acquire":
             return await self._acquire(cmd)
+        if op in ("set_contents", "set_acl", "delete", "close"):
+            return await self._modify(cmd, self._handle_paths(op, handle))
         return await self._propose(cmd)
+
+    # ---- the consistent cache: what a change touches, and waiting for acks -----------
+
+    def _lease_end_of(self, session_id: int) -> int | None:
+        session = self.sm.sessions.get(session_id)
+        return None if session is None else session.lease_end_ms
+
+    def _node_of(self, ref: HandleRef) -> Any:
+        record = self.sm.handles.get(ref.handle_id)
+        if record is None or record.stale or not record.matches(ref):
+            return None
+        return self.sm.nodes.get(record.instance)
+
+    def _node_path(self, ref: HandleRef) -> str | None:
+        node = self._node_of(ref)
+        return None if node is None else node.path
+
+    def _ephemeral_chain(self, node: Any) -> list[str]:
+        """An ephemeral node that may go away, and each ephemeral ancestor
+        that may follow it (emptied), with their parents' listings."""
+        paths: list[str] = []
+        while node is not None and node.ephemeral:
+            paths += [node.path, names.parent_of(node.path)]
+            node = self.sm.nodes.get(node.parent_instance)
+        return paths
+
+    def _handle_paths(self, op: str, ref: HandleRef) -> list[str]:
+        node = self._node_of(ref)
+        if node is None:
+            return []  # the call will fail, or closes a stale handle: nothing cached changes
+        if op == "close":
+            return self._ephemeral_chain(node)
+        paths = [node.path, names.parent_of(node.path)]
+        if op == "delete":
+            paths += self._ephemeral_chain(self.sm.nodes.get(node.parent_instance))
+        return paths
+
+    def _rename_paths(self, src: Any, dst: Any) -> tuple[list[str], list[str]]:
+        if not isinstance(src, str) or not isinstance(dst, str):
+            return [], []
+        paths = [src, dst, names.parent_of(src), names.parent_of(dst)]
+        node = self.sm.nodes.get(self.sm.by_path.get(src, -1))
+        return paths, [src] if node is not None and node.is_directory else []
+
+    def _session_ephemeral_paths(self, session_id: int) -> list[str]:
+        paths: list[str] = []
+        for handle_id in self.sm.session_handle_ids(session_id):
+            record = self.sm.handles[handle_id]
+            if not record.stale:
+                paths += self._ephemeral_chain(self.sm.nodes.get(record.instance))
+        return paths
+
+    def _expiring_ephemeral_paths(self, now_ms: int) -> list[str]:
+        due = self.sm.next_deadline_ms()
+        if due is None or due > now_ms:
+            return []
+        paths: list[str] = []
+        for session_id, lease_end in self.sm.session_lease_ends().items():
+            if lease_end <= now_ms:
+                paths += self._session_ephemeral_paths(session_id)
+        return paths
+
+    async def _modify(self, cmd: Any, paths: Any, prefixes: Any = ()) -> Any:
+        """Propose a change once no session may serve the old state of what it
+        touches from its cache (fast path: no cachers, proposed at once)."""
+        paths = list(paths) + self._expiring_ephemeral_paths(cmd.now_ms)
+        mod, woken = self.cache.begin(paths, self._lease_end_of, prefixes)
+        self._wake(woken)
+        try:
+            await self._wait_cache(lambda: self.cache.is_done(mod))
+            return await self._propose(cmd)
+        finally:
+            self.cache.finish(mod)
+
+    async def _await_failover_ack(self, session_id: int) -> None:
+        """After a fail-over a session is served once it has heard of it (Chubby §2.9)."""
+        await self._wait_cache(lambda: not self.cache.failover_pending(session_id))
+
+    async def _wait_cache(self, done: Callable[[], bool]) -> None:
+        while True:
+            if self.cache.expire(self.clock_ms()):
+                self._notify_cache()
+            if done():
+                return
+            if not self.epoch or self.node.role != Role.LEADER:
+                raise NotLeaderError(self.node.leader)
+            changed = self._cache_changed
+            deadline = self.cache.next_deadline_ms()
+            wait_s = 1.0 if deadline is None else (deadline - self.clock_ms()) / 1000
+            with trio.move_on_after(min(1.0, max(0.001, wait_s))):
+                await changed.wait()
 
     async def _acquire(self, cmd: c.Acquire) -> Any:
         key = (cmd.session_id, cmd.handle.handle_id)
@@ -289,21 +474,30 @@ class CellService:
             if self._acquire_waiters.get(key) is send:
                 del self._acquire_waiters[key]
 
-    async def _keep_alive(self, session_id: int, hold: bool) -> dict:
+    async def _keep_alive(self, session_id: int, hold: bool, ack: int | None = None,
+                          ack_epoch: Any = None) -> dict:
         """A long poll: held until shortly before the lease we promised ends
         (or until the master has something for the session, or steps down),
         then the lease is extended, replicated first, and the reply says by
         how much and how long the request was held, so the client can count
-        its local lease conservatively from its own send time."""
+        its local lease conservatively from its own send time.
+
+        `ack` settles everything delivered up to that sequence. The reply
+        carries every item not yet acknowledged, gathered only after the lease
+        extension committed: a client can thus never hold a lease that was
+        granted after an invalidation without having received it."""
         if session_id not in self.sm.sessions:
             # Our applied state may be behind (a deposed master, or one still
             # catching up): decide "gone" only after a read barrier.
             await self.node.read(None)
             if session_id not in self.sm.sessions:
                 raise CellError("session_expired", f"session {session_id} does not exist or has ended")
+        if ack is not None and (ack_epoch is None or ack_epoch == self.epoch):
+            if self.cache.ack(session_id, ack):
+                self._notify_cache()
         received_ms = self.clock_ms()
         promised = self.sm.sessions[session_id].lease_end_ms
-        if hold:
+        if hold and not self.cache.has_pending(session_id):
             hold_until_ms = promised - self.keep_alive_margin_ms
             wake = self._keep_alive_wakeups.setdefault(session_id, trio.Event())
             with trio.move_on_after(max(0.0, (hold_until_ms - received_ms) / 1000)):
@@ -313,21 +507,36 @@ class CellService:
             if not self.epoch:
                 raise NotLeaderError(self.node.leader)
         now = self.clock_ms()
-        lease_end = now + self.session_lease_ms
-        self._pending_leases[session_id] = max(lease_end, self._pending_leases.get(session_id, 0))
-        batch = self._lease_batch_done
-        if self._lease_batch is not None:
-            self._lease_batch.set()
-        await batch.wait()
         session = self.sm.sessions.get(session_id)
         if session is None:
             raise CellError("session_expired", f"session {session_id} has ended")
-        if session.lease_end_ms < lease_end:
-            # The extension did not commit (mastership moved, say): the
-            # session lives on; the client asks again, maybe elsewhere.
-            raise CellError("retry", f"lease extension of session {session_id} not committed")
-        return {"session_id": session_id, "lease_ms": self.session_lease_ms,
-                "held_ms": max(0, now - received_ms)}
+        lease_ms = session.lease_end_ms - now
+        if not hold or lease_ms < self.session_lease_ms // 2:
+            lease_end = now + self.session_lease_ms
+            self._pending_leases[session_id] = max(lease_end, self._pending_leases.get(session_id, 0))
+            batch = self._lease_batch_done
+            if self._lease_batch is not None:
+                self._lease_batch.set()
+            await batch.wait()
+            session = self.sm.sessions.get(session_id)
+            if session is None:
+                raise CellError("session_expired", f"session {session_id} has ended")
+            if session.lease_end_ms < lease_end:
+                # The extension did not commit (mastership moved, say): the
+                # session lives on; the client asks again, maybe elsewhere.
+                raise CellError("retry", f"lease extension of session {session_id} not committed")
+            lease_ms = self.session_lease_ms
+        # else: woken early with most of the lease left; the reply promises
+        # only what is already replicated, so no log write per delivery.
+        if not self.epoch:
+            raise NotLeaderError(self.node.leader)
+        items = self.cache.pending(session_id)
+        if ack is None and items and self.cache.ack(session_id, items[-1].seq):
+            # A client that sends no `ack` neither caches nor watches: what is
+            # delivered counts as processed.
+            self._notify_cache()
+        return {"session_id": session_id, "lease_ms": lease_ms, "held_ms": max(0, now - received_ms),
+                "epoch": self.epoch, "items": [item.to_wire() for item in items]}
 
     async def _lease_batcher(self) -> None:
         """One ExtendLeases entry for all KeepAlives that arrive together."""
@@ -370,7 +579,8 @@ class CellService:
 
     def statistics(self) -> dict:
         return {"epoch": self.epoch, "sessions": len(self.sm.sessions),
-                "blocked_acquires": len(self._acquire_waiters), "initialized": self.sm.cell is not None}
+                "blocked_acquires": len(self._acquire_waiters), "initialized": self.sm.cell is not None,
+                **self.cache.statistics()}
 
 
 def _unwrap(result: Result) -> Any:

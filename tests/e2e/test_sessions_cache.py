@@ -1,0 +1,112 @@
+"""End-to-end: the consistent cache, events and master fail-over with real
+replica processes (3 replicas, a short session lease)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import trio
+
+from chubbyfs.client.connection import open_cell_connection
+from chubbyfs.client.events import ContentsModified, EventKind, MasterFailover
+from chubbyfs.client.session import SessionState, open_session
+
+pytestmark = pytest.mark.e2e
+
+LEASE_MS = 1_500
+
+
+@pytest.fixture
+def chubby_cell(make_cell):
+    cell = make_cell(3, state_machine="chubby", name="t", session_lease_ms=LEASE_MS)
+    cell.start_all()
+    return cell
+
+
+async def _master(cell, exclude: int | None = None) -> int:
+    async with open_cell_connection(list(cell.addresses.values()), cell="t") as conn:
+        return await cell.wait_for_leader(conn, exclude=exclude)
+
+
+async def test_a_cached_read_is_never_older_than_an_acknowledged_write(chubby_cell):
+    addresses = list(chubby_cell.addresses.values())
+    async with open_session("t", addresses=addresses, call_timeout_s=30) as a, \
+            open_session("t", addresses=addresses, call_timeout_s=30) as b:
+        ha = await a.open("/ls/t/f", create="file", contents=b"0", events=EventKind.CONTENTS_MODIFIED)
+        hb = await b.open("/ls/t/f", write=True)
+        stale: list[tuple[bytes, bytes]] = []
+        for i in range(1, 16):
+            await ha.get_contents_and_stat()  # cached (again) before the write
+            await hb.set_contents(b"%d" % i)
+            got, _ = await ha.get_contents_and_stat()
+            if got != b"%d" % i:
+                stale.append((got, b"%d" % i))
+        assert not stale, f"a read older than an acknowledged write: {stale}"
+        assert a.cache.hits > 0
+        kinds = []
+        with trio.fail_after(10):
+            async for event in ha.events():
+                kinds.append(event)
+                if len(kinds) == 15:
+                    break
+        assert all(isinstance(e, ContentsModified) for e in kinds)
+        assert [e.seq for e in kinds] == sorted({e.seq for e in kinds})
+
+
+async def test_sessions_locks_and_caches_survive_kill9_of_the_master(chubby_cell):
+    cell = chubby_cell
+    addresses = list(cell.addresses.values())
+    async with open_session("t", addresses=addresses, call_timeout_s=30) as a, \
+            open_session("t", addresses=addresses, call_timeout_s=30) as b:
+        lock = await a.open("/ls/t/lock", create="file", lock=True)
+        sequencer = await lock.acquire()
+        ha = await a.open("/ls/t/f", create="file", contents=b"before", events=EventKind.CONTENTS_MODIFIED)
+        assert (await ha.get_contents_and_stat())[0] == b"before"
+        master = await _master(cell)
+        cell.kill(master)
+        await _master(cell, exclude=master)
+        with trio.fail_after(20):
+            async for event in ha.events():
+                if isinstance(event, MasterFailover):
+                    break
+        hb = await b.open("/ls/t/f", write=True)
+        await hb.set_contents(b"after")
+        assert (await ha.get_contents_and_stat())[0] == b"after"
+        assert await a.check_sequencer(sequencer) == (True, "")
+        assert a.state == SessionState.SAFE and b.state == SessionState.SAFE
+        cell.start(master)
+
+
+async def test_sigstop_of_the_master_beyond_the_lease_means_jeopardy_then_safe(chubby_cell):
+    cell = chubby_cell
+    addresses = list(cell.addresses.values())
+    async with open_session("t", addresses=addresses, call_timeout_s=30) as a:
+        h = await a.open("/ls/t/f", create="file", contents=b"x")
+        await h.get_contents_and_stat()
+        lock = await a.open("/ls/t/lock", create="file", lock=True)
+        sequencer = await lock.acquire()
+        states: list[SessionState] = []
+
+        async def follow() -> None:
+            async for change in a.state_changes():
+                states.append(change.state)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            master = await _master(cell)
+            cell.kill(master, signal.SIGSTOP)
+            try:
+                with trio.fail_after(20):
+                    while SessionState.JEOPARDY not in states:
+                        await trio.sleep(0.05)
+                assert not a.cache.contents, "jeopardy empties the cache"
+                with trio.fail_after(30):
+                    while states[-1] != SessionState.SAFE:
+                        await trio.sleep(0.05)
+            finally:
+                cell.kill(master, signal.SIGCONT)
+            nursery.cancel_scope.cancel()
+        assert states[:2] == [SessionState.JEOPARDY, SessionState.SAFE]
+        assert (await h.get_contents_and_stat())[0] == b"x"
+        assert await a.check_sequencer(sequencer) == (True, "")
