@@ -143,6 +143,8 @@ class RaftNode:
         self.tick_seconds = tick_seconds
         self.snapshot_every = snapshot_every
         self.snapshot_keep_entries = snapshot_keep_entries
+        self._last_tick_at = 0.0  # set when run() starts
+        self._max_tick_burst = 2 * config.election_tick + 2
         self._trace = trace
         snap = storage.snapshot()
         if not snap.is_empty():
@@ -213,8 +215,10 @@ class RaftNode:
 
     def read_nowait(self, query: Any) -> tuple[bool, Any]:
         """(True, answer) if the lease lets us answer at once, else (False, None)."""
-        if self.role == Role.LEADER and self._resumed.is_set() and self.raw.lease_valid() \
-                and self.applied >= self.commit:
+        if self.role != Role.LEADER or not self._resumed.is_set():
+            return False, None
+        self._catch_up_ticks()  # the lease is judged by the time now, not at the last tick
+        if self.raw.lease_valid() and self.applied >= self.commit:
             return True, self.state_machine.query(query)
         return False, None
 
@@ -283,26 +287,39 @@ class RaftNode:
 
     # ---- the loop ------------------------------------------------------------------
 
+    def _catch_up_ticks(self) -> None:
+        """Tell the core about every tick that has passed in real time.
+
+        After a stall (a GC pause, SIGSTOP, a slow disk) the core must learn
+        that time went on: its lease and election timers count ticks, and a
+        leader that slept through its lease must not wake up trusting it.
+        A burst longer than twice the election timeout changes nothing more,
+        so it is capped there."""
+        now = trio.current_time()
+        if now < self._last_tick_at + self.tick_seconds:
+            return
+        # At least one tick once its deadline has passed, whatever rounding
+        # says: the loop sleeps until exactly that deadline.
+        due = 1 + int((now - self._last_tick_at - self.tick_seconds) / self.tick_seconds)
+        for _ in range(min(due, self._max_tick_burst)):
+            self.raw.tick()
+        self._last_tick_at += due * self.tick_seconds
+        self._wakeup.set()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        next_tick = trio.current_time() + self.tick_seconds
+        self._last_tick_at = trio.current_time()
         try:
             while True:
                 if not self._resumed.is_set():
                     await self._resumed.wait()
-                    next_tick = trio.current_time() + self.tick_seconds
                 if not self._wakeup.is_set():
-                    with trio.move_on_at(next_tick):
+                    with trio.move_on_at(self._last_tick_at + self.tick_seconds):
                         await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 if not self._resumed.is_set():
                     continue
-                now = trio.current_time()
-                if now >= next_tick:
-                    self.raw.tick()
-                    # After a long stall, tick once and re-phase rather than
-                    # firing a burst of ticks that would look like time passing.
-                    next_tick = max(next_tick + self.tick_seconds, now)
+                self._catch_up_ticks()
                 while True:
                     try:
                         msg = self._inbound_recv.receive_nowait()
