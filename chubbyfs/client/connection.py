@@ -190,6 +190,11 @@ class CellConnection:
                 self._link = None
             await trio.aclose_forcefully(link.framed.stream)
 
+    async def reset(self) -> None:
+        """Drop the current connection; the next call finds the master anew
+        (e.g. after a KeepAlive went unanswered: the link may be half dead)."""
+        await self._drop_link()
+
     async def _drop_link(self) -> None:
         link, self._link = self._link, None
         if link is not None:

@@ -226,7 +226,7 @@ class Session:
                     break
                 except CellError as exc:
                     if exc.code in ("unavailable", "timeout"):
-                        await self.conn._drop_link()
+                        await self.conn.reset()
                     await trio.sleep(0.05)  # no master yet; the timer decides our fate
                     continue
                 value = reply["value"]
