@@ -83,7 +83,7 @@ class FakeConnection:
                 raise CellError(err, reply.get("message", ""))
         raise CellError("unavailable", "no answer in time")
 
-    async def _drop_link(self) -> None:
+    async def reset(self) -> None:
         self.links_dropped += 1
 
     async def aclose(self) -> None:
