@@ -1,10 +1,11 @@
-import ast
 import pathlib
 
 import pytest
 from hypothesis import given, strategies as st
 
+from chubbyfs.client import session_core
 from chubbyfs.client.session_core import SessionLeaseCore, SessionState
+from tests.purity import impure_imports
 
 
 def make(now=0.0, lease=12_000, grace=45_000):
@@ -91,7 +92,4 @@ def test_cache_never_usable_beyond_any_lease_the_master_granted(steps):
 
 
 def test_core_is_pure():
-    tree = ast.parse(pathlib.Path("chubbyfs/client/session_core.py").read_text())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not names & {"trio", "os", "socket", "time", "random", "asyncio"}
+    assert not impure_imports(pathlib.Path(session_core.__file__))

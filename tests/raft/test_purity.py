@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import ast
 import pathlib
 
 import chubbyfs.raft
-
-FORBIDDEN = {"trio", "os", "socket", "time", "random", "asyncio", "threading", "subprocess"}
+from tests.purity import impure_imports
 
 # The trio shell that drives the core lives beside it (ARCHITECTURE.md: "and
 # the trio node that drives the core"); every other module must be pure, so
@@ -28,20 +26,10 @@ CORE_MODULES = {
 }
 
 
-def _imported_roots(path: pathlib.Path) -> set[str]:
-    roots: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
-    return roots
-
-
 def test_raft_modules_import_nothing_impure() -> None:
     package_dir = pathlib.Path(chubbyfs.raft.__file__).parent
     files = sorted(p for p in package_dir.glob("*.py") if p.name not in SHELL_MODULES)
     assert CORE_MODULES <= {p.name for p in files}
     for path in files:
-        bad = _imported_roots(path) & FORBIDDEN
+        bad = impure_imports(path)
         assert not bad, f"{path.name} imports {sorted(bad)}"
