@@ -179,6 +179,44 @@ def cmd_lock(args: argparse.Namespace) -> int:
     return _run(args, args.path, body)
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Print the node's events as they arrive, one line each, until
+    interrupted; session state changes (jeopardy, safe, expired) go to
+    stderr. Exit status 1 if the session expires."""
+    from chubbyfs.client.events import EventKind
+
+    every = int(EventKind.CONTENTS_MODIFIED | EventKind.CHILD_ADDED | EventKind.CHILD_REMOVED
+                | EventKind.CHILD_MODIFIED | EventKind.HANDLE_INVALID | EventKind.LOCK_ACQUIRED
+                | EventKind.CONFLICTING_LOCK)
+
+    async def body(session: Session) -> int:
+        async with await session.open(args.path, events=every) as h:
+            print(f"watching {args.path} (instance {h.stat.instance})", file=sys.stderr, flush=True)
+            async with trio.open_nursery() as nursery:
+                async def report_states() -> None:
+                    async for change in session.state_changes():
+                        print(f"session {change.state.value}: {change.reason}", file=sys.stderr, flush=True)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(report_states)
+                async for event in h.events():
+                    kind = event.kind.name.lower() if event.kind.name else str(int(event.kind))
+                    child = f" {event.name}" if event.name else ""
+                    print(f"{kind} {event.path or args.path}{child}", flush=True)
+        return 1 if session.expired else 0
+
+    try:
+        return _run(args, args.path, body)
+    except BaseException as exc:
+        # Ctrl-C is how a watch ends, even when trio reports it from inside
+        # a nursery (wrapped in an exception group).
+        interrupts, rest = (exc.split(KeyboardInterrupt) if isinstance(exc, BaseExceptionGroup)
+                            else (exc, None) if isinstance(exc, KeyboardInterrupt) else (None, exc))
+        if interrupts is not None and rest is None:
+            return 0
+        raise
+
+
 def math_inf() -> float:
     return float("inf")
 
@@ -211,6 +249,8 @@ def add_parsers(sub: argparse._SubParsersAction, client_options: Callable[[argpa
     p.add_argument("-w", "--timeout", type=float, help="give up after this many seconds")
     p.add_argument("path")
     p.add_argument("command", nargs=argparse.REMAINDER)
+
+    leaf("watch", "print a node's events as they arrive, until interrupted", cmd_watch).add_argument("path")
 
     acl = sub.add_parser("acl", help="a node's ACL names")
     acl_sub = acl.add_subparsers(dest="acl_op", required=True)

@@ -143,3 +143,33 @@ async def test_session_end_applies_lock_delay_and_deletes_ephemerals(chubby_cell
         start = trio.current_time()
         await w2.acquire()
         assert trio.current_time() - start > 0.5
+
+
+def test_watch_prints_events_as_they_happen(chubby_cell):
+    cell = chubby_cell
+    trio.run(_leader, cell)
+    run_cli(cell, "mkdir", "/ls/t/svc")
+    run_cli(cell, "put", "/ls/t/svc/config", "v1")
+    env = dict(os.environ, CHUBBYFS_CELLS=str(cell.cells_path))
+    watchers = [subprocess.Popen([sys.executable, "-m", "chubbyfs", "watch", path], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=env)
+                for path in ("/ls/t/svc/config", "/ls/t/svc")]
+    try:
+        for w in watchers:  # wait until each has its handle open
+            assert w.stderr.readline().startswith(b"watching ")
+        run_cli(cell, "put", "/ls/t/svc/config", "v2")
+        run_cli(cell, "put", "/ls/t/svc/new", "x")
+        run_cli(cell, "rm", "/ls/t/svc/new")
+        assert watchers[0].stdout.readline() == b"contents_modified /ls/t/svc/config\n"
+        lines = []
+        while not lines or lines[-1] != b"child_removed /ls/t/svc new\n":
+            lines.append(watchers[1].stdout.readline())
+        # In apply order: config's change, then new's creation (and its
+        # first write), then its removal.
+        assert lines[0] == b"child_modified /ls/t/svc config\n", lines
+        assert lines[1] == b"child_added /ls/t/svc new\n", lines
+        assert set(lines[2:-1]) <= {b"child_modified /ls/t/svc new\n"}, lines
+    finally:
+        for w in watchers:
+            w.send_signal(2)  # Ctrl-C
+            assert w.wait(timeout=20) == 0
