@@ -143,6 +143,11 @@ async def _status(args: argparse.Namespace) -> int:
         if r.get("role") == "leader":
             leader = r
     print(f"leader: {leader['id']} at {leader['address']}" if leader else "leader: none")
+    master = (leader or {}).get("master")
+    if master:
+        print(f"master: epoch {master['epoch']}, {master['sessions']} sessions, "
+              f"{master['cached_paths']} cached paths, {master['blocked_acquires']} blocked acquires, "
+              f"{master['queued_items']} events/invalidations awaiting acknowledgement")
     return 0 if leader else 1
 
 

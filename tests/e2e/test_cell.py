@@ -76,6 +76,8 @@ def test_cli_does_each_call(chubby_cell):
     big = run_cli(cell, "put", "/ls/t/big", stdin=b"x" * (300 * 1024), check=False)
     assert big.returncode == 1 and b"too_large" in big.stderr
     assert run_cli(cell, "cat", "/ls/t/svc/search/config").stdout == b"replicas: 7"
+    status = run_cli(cell, "status").stdout.decode()
+    assert "leader: " in status and "master: epoch " in status and " sessions" in status, status
     run_cli(cell, "rm", "/ls/t/svc/search/stdin")
     assert run_cli(cell, "cat", "/ls/t/svc/search/stdin", check=False).returncode == 1
 
