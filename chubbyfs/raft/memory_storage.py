@@ -10,18 +10,18 @@ starts with the committed bootstrap entries (`confchange.bootstrap_log`).
 from __future__ import annotations
 
 from .confchange import apply_change, bootstrap_log, decode_conf_change
-from .storage import CompactedError, SnapshotOutOfDateError, UnavailableError
+from .storage import InMemoryLog, SnapshotOutOfDateError, UnavailableError
 from .types import ConfState, Entry, EntryType, HardState, Snapshot, SnapshotMeta
 
 
-class MemoryStorage:
+class MemoryStorage(InMemoryLog):
     def __init__(self, conf: ConfState | None = None) -> None:
         self._hard_state = HardState()
         self._snapshot = Snapshot()
-        self._ents: list[Entry] = [Entry(term=0, index=0)]
+        self._entries: list[Entry] = [Entry(term=0, index=0)]
         if conf is not None and conf.voters:
             entries, self._hard_state = bootstrap_log(conf.voters)
-            self._ents.extend(entries)
+            self._entries.extend(entries)
         # Counters the tests use to check the core reads storage sparingly.
         self.sync_count = 0
 
@@ -29,45 +29,10 @@ class MemoryStorage:
 
     def initial_state(self) -> tuple[HardState, ConfState]:
         conf = self._snapshot.meta.conf
-        for e in self._ents[1:]:
+        for e in self._entries[1:]:
             if e.type == EntryType.CONF_CHANGE and e.index > self._snapshot.meta.index:
                 conf = apply_change(conf, decode_conf_change(e.data))
         return self._hard_state, conf
-
-    def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
-        offset = self._ents[0].index
-        if lo <= offset:
-            raise CompactedError(f"index {lo} is compacted (first is {offset + 1})")
-        if hi > self.last_index() + 1:
-            raise UnavailableError(f"index {hi - 1} is beyond last {self.last_index()}")
-        if lo >= hi:
-            return []
-        ents = self._ents[lo - offset : hi - offset]
-        if max_bytes is None:
-            return ents
-        total = 0
-        for i, e in enumerate(ents):
-            total += e.size()
-            if i > 0 and total > max_bytes:
-                return ents[:i]
-        return ents
-
-    def term(self, index: int) -> int:
-        offset = self._ents[0].index
-        if index < offset:
-            raise CompactedError(f"index {index} is compacted (first is {offset + 1})")
-        if index - offset >= len(self._ents):
-            raise UnavailableError(f"index {index} is beyond last {self.last_index()}")
-        return self._ents[index - offset].term
-
-    def first_index(self) -> int:
-        return self._ents[0].index + 1
-
-    def last_index(self) -> int:
-        return self._ents[0].index + len(self._ents) - 1
-
-    def snapshot(self) -> Snapshot:
-        return self._snapshot
 
     # -- WritableStorage ----------------------------------------------------
 
@@ -79,14 +44,14 @@ class MemoryStorage:
             return  # wholly compacted: already covered by the snapshot
         if entries[0].index < first:
             entries = entries[first - entries[0].index :]
-        start = entries[0].index - self._ents[0].index
-        if start > len(self._ents):
+        start = entries[0].index - self._entries[0].index
+        if start > len(self._entries):
             raise UnavailableError(
                 f"gap: appending at {entries[0].index} after last {self.last_index()}"
             )
-        if start < len(self._ents):
-            del self._ents[start:]
-        self._ents.extend(entries)
+        if start < len(self._entries):
+            del self._entries[start:]
+        self._entries.extend(entries)
 
     def set_hard_state(self, hs: HardState) -> None:
         self._hard_state = hs
@@ -97,7 +62,7 @@ class MemoryStorage:
                 f"snapshot {snap.meta.index} is not newer than {self._snapshot.meta.index}"
             )
         self._snapshot = snap
-        self._ents = [Entry(term=snap.meta.term, index=snap.meta.index)]
+        self._entries = [Entry(term=snap.meta.term, index=snap.meta.index)]
 
     def create_snapshot(self, index: int, conf: ConfState, data: bytes) -> Snapshot:
         if index <= self._snapshot.meta.index:
@@ -114,7 +79,7 @@ class MemoryStorage:
 
     def compact(self, index: int) -> None:
         """Discard entries before `index`; afterwards first_index() == index."""
-        offset = self._ents[0].index
+        offset = self._entries[0].index
         if index <= offset + 1:
             return  # nothing (more) to discard
         if index - 1 > self._snapshot.meta.index:
@@ -123,8 +88,8 @@ class MemoryStorage:
             )
         if index - 1 > self.last_index():
             raise UnavailableError(f"compact {index} is beyond last {self.last_index()}")
-        dummy = self._ents[index - 1 - offset]
-        self._ents = [Entry(term=dummy.term, index=dummy.index)] + self._ents[index - offset :]
+        dummy = self._entries[index - 1 - offset]
+        self._entries = [Entry(term=dummy.term, index=dummy.index)] + self._entries[index - offset :]
 
     def sync(self) -> None:
         self.sync_count += 1
@@ -135,4 +100,4 @@ class MemoryStorage:
         return self._hard_state
 
     def all_entries(self) -> list[Entry]:
-        return self._ents[1:]
+        return self._entries[1:]

@@ -84,3 +84,47 @@ class WritableStorage(Storage, Protocol):
     def sync(self) -> None:
         """Make everything written so far durable (fsync). A no-op in memory."""
         ...
+
+
+class InMemoryLog:
+    """The read side that `MemoryStorage` and `DiskStorage` share: the live
+    log as a list whose first element is the dummy entry at
+    first_index() - 1 (the snapshot point; term known, data not kept)."""
+
+    _entries: list[Entry]
+    _snapshot: Snapshot
+
+    def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+        offset = self._entries[0].index
+        if lo <= offset:
+            raise CompactedError(f"entry {lo} is compacted (first index {offset + 1})")
+        if hi > self.last_index() + 1:
+            raise UnavailableError(f"entries up to {hi - 1} requested, last index is {self.last_index()}")
+        if lo >= hi:
+            return []
+        selected = self._entries[lo - offset : hi - offset]
+        if max_bytes is None:
+            return selected
+        total = 0
+        for n, e in enumerate(selected):
+            total += e.size()
+            if total > max_bytes and n > 0:  # at least one entry, whatever its size
+                return selected[:n]
+        return selected
+
+    def term(self, index: int) -> int:
+        offset = self._entries[0].index
+        if index < offset:
+            raise CompactedError(f"term of {index} is compacted (dummy index {offset})")
+        if index > self.last_index():
+            raise UnavailableError(f"term of {index} requested, last index is {self.last_index()}")
+        return self._entries[index - offset].term
+
+    def first_index(self) -> int:
+        return self._entries[0].index + 1
+
+    def last_index(self) -> int:
+        return self._entries[0].index + len(self._entries) - 1
+
+    def snapshot(self) -> Snapshot:
+        return self._snapshot

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import msgpack
 
 from ..raft.confchange import apply_change, decode_conf_change
-from ..raft.storage import CompactedError, SnapshotOutOfDateError, UnavailableError
+from ..raft.storage import InMemoryLog, SnapshotOutOfDateError, UnavailableError
 from ..raft.types import ConfState, Entry, EntryType, HardState, Snapshot, SnapshotMeta
 from .fs import FileSystem
 from .snapshot import SnapshotStore, parse_snapshot_name
@@ -111,7 +111,7 @@ def decode_snapshot_marker(payload: bytes) -> tuple[int, int]:
     return index, term
 
 
-class DiskStorage:
+class DiskStorage(InMemoryLog):
     """Durable WritableStorage. `DiskStorage.open(fs, directory)` (or the
     constructor, which does the same) recovers the directory; both raise
     WalCorruptionError when the log is damaged beyond a torn tail."""
@@ -233,41 +233,6 @@ class DiskStorage:
             if e.type == EntryType.CONF_CHANGE and e.index > snap_index:
                 conf = apply_change(conf, decode_conf_change(e.data))
         return self._hard_state, conf
-
-    def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
-        offset = self._entries[0].index
-        if lo <= offset:
-            raise CompactedError(f"entry {lo} is compacted (first index {offset + 1})")
-        if hi > self.last_index() + 1:
-            raise UnavailableError(f"entries up to {hi - 1} requested, last index is {self.last_index()}")
-        if lo >= hi:
-            return []
-        selected = self._entries[lo - offset : hi - offset]
-        if max_bytes is None or not selected:
-            return selected
-        total = 0
-        for n, e in enumerate(selected):
-            total += e.size()
-            if total > max_bytes and n > 0:
-                return selected[:n]
-        return selected
-
-    def term(self, index: int) -> int:
-        offset = self._entries[0].index
-        if index < offset:
-            raise CompactedError(f"term of {index} is compacted (dummy index {offset})")
-        if index > self.last_index():
-            raise UnavailableError(f"term of {index} requested, last index is {self.last_index()}")
-        return self._entries[index - offset].term
-
-    def first_index(self) -> int:
-        return self._entries[0].index + 1
-
-    def last_index(self) -> int:
-        return self._entries[0].index + len(self._entries) - 1
-
-    def snapshot(self) -> Snapshot:
-        return self._snapshot
 
     # -- WritableStorage -----------------------------------------------------
 
