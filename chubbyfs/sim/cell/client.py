@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..checkers.fencing import FencingError
-from ..checkers.wgl import UNKNOWN_OUTPUT
+
 from .rpc import CLIENT_ENDPOINT_BASE
 
 if TYPE_CHECKING:
