@@ -36,7 +36,6 @@ import base64
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -51,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # the repository root, for `chubbyfs`
 
-from raft import cpu_seconds, machine_busy_seconds, percentile, top_functions  # noqa: E402
+from raft import cpu_seconds, json_header, machine_busy_seconds, percentile, top_functions  # noqa: E402
 
 SYSTEMS = ("chubbyfs", "zookeeper", "etcd")
 VALUE = b"v" * 100
@@ -641,12 +640,7 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
 
 
 def to_json(results: dict, args: argparse.Namespace) -> dict:
-    out: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
-                    "load_average_at_end": os.getloadavg()},
-        "duration_s": args.duration, "rounds": args.rounds, "value_bytes": len(VALUE), "replicas": 3,
-    }
+    out: dict[str, Any] = json_header(args)
     for s, r in results.items():
         out[s] = {"version": r["version"], "points": [asdict(p) for p in r["points"]]}
         if "client" in r:

@@ -595,13 +595,18 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def to_json(results: dict, args: argparse.Namespace) -> dict:
-    out: dict[str, Any] = {
+def json_header(args: argparse.Namespace) -> dict[str, Any]:
+    """When, where and how a benchmark ran (shared with bench/locks.py)."""
+    return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
                     "load_average_at_end": os.getloadavg()},
         "duration_s": args.duration, "rounds": args.rounds, "value_bytes": len(VALUE), "replicas": 3,
     }
+
+
+def to_json(results: dict, args: argparse.Namespace) -> dict:
+    out: dict[str, Any] = json_header(args)
     for s, r in results.items():
         out[s] = {
             "points": [asdict(p) for p in r["points"]],
