@@ -31,7 +31,7 @@ from .confchange import (
 from .log import InvariantViolation, RaftLog
 from .progress import Progress, ProgressState
 from .read_index import ReadOnly
-from .storage import CompactedError, Storage, StorageError
+from .storage import CompactedError, Storage
 from .types import (
     NONE,
     ConfChange,

@@ -79,17 +79,7 @@ class MemoryStorage(InMemoryLog):
 
     def compact(self, index: int) -> None:
         """Discard entries before `index`; afterwards first_index() == index."""
-        offset = self._entries[0].index
-        if index <= offset + 1:
-            return  # nothing (more) to discard
-        if index - 1 > self._snapshot.meta.index:
-            raise ValueError(
-                f"cannot compact before {index}: snapshot only covers {self._snapshot.meta.index}"
-            )
-        if index - 1 > self.last_index():
-            raise UnavailableError(f"compact {index} is beyond last {self.last_index()}")
-        dummy = self._entries[index - 1 - offset]
-        self._entries = [Entry(term=dummy.term, index=dummy.index)] + self._entries[index - offset :]
+        self._discard_before(index)
 
     def sync(self) -> None:
         self.sync_count += 1

@@ -128,3 +128,18 @@ class InMemoryLog:
 
     def snapshot(self) -> Snapshot:
         return self._snapshot
+
+    def _discard_before(self, index: int) -> bool:
+        """Drop the live entries before `index` (first_index() becomes
+        `index`); False if there was nothing (more) to drop. The entries must
+        be covered by the snapshot: the log is their only other copy."""
+        offset = self._entries[0].index
+        if index <= offset + 1:
+            return False
+        if index - 1 > self._snapshot.meta.index:
+            raise ValueError(f"cannot compact before {index}: snapshot only covers {self._snapshot.meta.index}")
+        if index - 1 > self.last_index():
+            raise UnavailableError(f"compact {index} is beyond last {self.last_index()}")
+        dummy = self._entries[index - 1 - offset]
+        self._entries = [Entry(term=dummy.term, index=dummy.index)] + self._entries[index - offset :]
+        return True

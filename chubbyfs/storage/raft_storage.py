@@ -312,20 +312,8 @@ class DiskStorage(InMemoryLog):
         """Discard entries before `index`; afterwards first_index() == index
         (as MemoryStorage). Also deletes the whole segments that only held
         entries below `index`."""
-        offset = self._entries[0].index
-        if index <= offset + 1:
-            return  # nothing (more) to discard
-        if index - 1 > self._snapshot.meta.index:
-            # The WAL is the only copy of those entries: they must be in a
-            # snapshot before the segments holding them may go.
-            raise ValueError(
-                f"cannot compact before {index}: snapshot only covers {self._snapshot.meta.index}"
-            )
-        if index - 1 > self.last_index():
-            raise UnavailableError(f"compact {index} is beyond last {self.last_index()}")
-        dummy = self._entries[index - 1 - offset]
-        self._entries = [Entry(term=dummy.term, index=dummy.index)] + self._entries[index - offset :]
-        self._remove_segments_below(index)
+        if self._discard_before(index):
+            self._remove_segments_below(index)
 
     def _remove_segments_below(self, index: int) -> None:
         """Delete the oldest segments whose entries all lie below `index`
