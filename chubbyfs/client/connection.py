@@ -71,6 +71,13 @@ class CellConnection:
         self._rotation = itertools.cycle(random.sample(self.addresses, len(self.addresses)))
         self._down_until: dict[str, float] = {}
 
+    @property
+    def master_address(self) -> str | None:
+        """The replica this connection currently talks to: the master, as far
+        as the last redirect told us (None while no link is up)."""
+        link = self._link
+        return link.address if link is not None and link.alive else None
+
     async def call(self, op: str, *, idempotent: bool = True, timeout_s: float | None = None,
                    **args: Any) -> dict:
         """Send one request to the master and return its successful reply."""

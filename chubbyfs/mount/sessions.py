@@ -130,9 +130,7 @@ class UserSession:
         return self.session.expired
 
     def master_address(self) -> str | None:
-        # The connection follows the master; its current link is the master.
-        link = getattr(self.session.conn, "_link", None)
-        return getattr(link, "address", None)
+        return self.session.conn.master_address
 
 
 class SessionPool:
