@@ -14,7 +14,7 @@ garbage log entry is rejected the same way on every replica.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import msgpack
@@ -246,11 +246,17 @@ class CreateSession:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExtendLeases:
-    """Replicated lease watermarks; leases only ever move later."""
+    """Replicated lease watermarks; leases only ever move later.
+
+    `renew` re-creates handles in the current master epoch (handle_id ->
+    owning session_id): a handle made in an earlier epoch that is not
+    re-created before the epoch's ephemeral sweep does not keep an ephemeral
+    node alive (see Tick)."""
 
     TAG: ClassVar[int] = 3
     now_ms: int
     leases: dict[int, int]  # session_id -> lease_end_ms
+    renew: dict[int, int] = field(default_factory=dict)  # handle_id -> session_id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -263,10 +269,18 @@ class EndSession:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Tick:
     """Advance stamped time: expire sessions whose lease ended, end lock-delays
-    and grant waiters. (Every command does this for its own now_ms first.)"""
+    and grant waiters. (Every command does this for its own now_ms first.)
+
+    A new master's first Tick names its `epoch` (the Raft term): every handle
+    open on an ephemeral node then awaits re-creation (ExtendLeases.renew),
+    and once `ephemeral_grace_ms` of stamped time has passed, ephemeral nodes
+    none of whose handles was re-created are deleted with those handles
+    (Chubby's post-fail-over rule). 0 starts no epoch / sweeps nothing."""
 
     TAG: ClassVar[int] = 5
     now_ms: int
+    epoch: int = 0
+    ephemeral_grace_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -553,6 +567,12 @@ _CODECS: dict[str, tuple[Any, Any]] = {
 _SCHEMAS: dict[type, tuple[tuple[str, Any, Any], ...]] = {
     cls: tuple((f.name, *_CODECS[f.type]) for f in fields(cls)) for cls in COMMAND_TYPES
 }
+# Fields added later have defaults and come last: an entry written before
+# they existed (exactly that much shorter) still decodes, as it did then.
+_ADDED_FIELDS: dict[type, int] = {Tick: 2, ExtendLeases: 1}
+_ARITIES: dict[type, tuple[int, ...]] = {
+    cls: (len(_SCHEMAS[cls]), len(_SCHEMAS[cls]) - _ADDED_FIELDS.get(cls, 0)) for cls in COMMAND_TYPES
+}
 
 
 def encode_command(command: Any) -> bytes:
@@ -579,7 +599,7 @@ def decode_command(data: bytes) -> Any:
     if cls is None:
         raise MalformedCommand(f"unknown command tag {tag!r:.40}")
     schema = _SCHEMAS[cls]
-    if not isinstance(values, list) or len(values) != len(schema):
+    if not isinstance(values, list) or len(values) not in _ARITIES[cls]:
         raise MalformedCommand(f"{cls.__name__} needs {len(schema)} fields")
     kwargs = {name: decoder(value) for (name, _, decoder), value in zip(schema, values)}
     return cls(**kwargs)

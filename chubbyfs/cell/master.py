@@ -24,8 +24,13 @@ replica layer does for us via NotLeaderError). The master:
 - delivers events and invalidations on KeepAlive replies, one sequence per
   session, re-sent until acknowledged;
 - on taking over, extends every session's lease (the lease clock stops
-  while there is no master) and sends each session a fail-over item; until a
-  session acknowledges it, it counts as caching everything.
+  while there is no master), starts its epoch in the state machine (which
+  schedules the ephemeral sweep) and sends each session a fail-over item;
+  until a session acknowledges it, it counts as caching everything. The
+  acknowledgement re-creates the handles the client still holds;
+- rejects a request that names an older epoch than its own (`stale_epoch`),
+  so a client hears of the fail-over before a new master serves it, and
+  sends one naming a newer epoch away (`not_leader`): that master is gone.
 
 Master epoch = the Raft term in which this replica became leader; handles
 carry the epoch they were made in.
@@ -58,6 +63,11 @@ from .state_machine import CellStateMachine
 log = logging.getLogger(__name__)
 
 DEFAULT_SESSION_LEASE_MS = 12_000
+# After a fail-over, ephemeral nodes whose handles no client re-created in
+# this long are deleted. Five leases (a minute by default, as in Chubby):
+# every live session reaches the new master within one lease of it taking
+# over and re-creates its handles on its next KeepAlive.
+EPHEMERAL_GRACE_LEASES = 5
 IDLE_TICK_MS = 1_000  # stamped time moves at least this often on an idle cell
 LEASE_BATCH_S = 0.005  # KeepAlives arriving together share one ExtendLeases entry
 PROPOSAL_TIMEOUT_S = 10.0
@@ -113,10 +123,11 @@ class _Reply:
 
 
 class CellError(Exception):
-    def __init__(self, code: str, message: str = "") -> None:
+    def __init__(self, code: str, message: str = "", **fields: Any) -> None:
         super().__init__(message or code)
         self.code = code
         self.message = message
+        self.fields = fields  # extra reply fields (stale_epoch: the current `epoch`)
 
 
 # A background proposal (InitCell, Tick, ExtendLeases) that did not go through
@@ -135,6 +146,7 @@ class CellService:
         admins: tuple[str, ...],
         limits: dict[str, int] | None = None,
         session_lease_ms: int = DEFAULT_SESSION_LEASE_MS,
+        ephemeral_grace_ms: int | None = None,
         clock_ms: Callable[[], int] = wall_clock_ms,
         secret_source: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -145,12 +157,15 @@ class CellService:
         self.admins = admins
         self.limits = limits or {}
         self.session_lease_ms = session_lease_ms
+        self.ephemeral_grace_ms = (EPHEMERAL_GRACE_LEASES * session_lease_ms if ephemeral_grace_ms is None
+                                   else ephemeral_grace_ms)
         self.clock_ms = clock_ms
         self.secret_source = secret_source
         self.epoch = 0  # 0 while not serving as master
         self._session_ids: itertools.count[int] = itertools.count(1)
         self._acquire_waiters: dict[tuple[int, int], trio.MemorySendChannel[LockWakeup]] = {}
         self._pending_leases: dict[int, int] = {}
+        self._pending_renewals: dict[int, int] = {}  # handle_id -> session_id, re-created next batch
         self._lease_batch: trio.Event | None = None
         self._lease_batch_done = trio.Event()
         self._wake_ticker = trio.Event()
@@ -239,11 +254,15 @@ class CellService:
                 await self._propose(c.ExtendLeases(
                     now_ms=self.sm.now_ms,
                     leases={sid: max(end, now + self.session_lease_ms) for sid, end in leases.items()}))
+            # Our epoch: the state machine schedules the ephemeral sweep.
+            await self._propose(c.Tick(now_ms=self.clock_ms(), epoch=term,
+                                       ephemeral_grace_ms=self.ephemeral_grace_ms))
         except _PROPOSAL_FAILED as exc:
-            log.info("could not extend leases in term %d: %s", term, exc)
+            log.info("could not extend leases or start epoch %d: %s", term, exc)
             return
         if self.node.role != Role.LEADER or self.node.term != term:
             return
+        self._pending_renewals.clear()  # of an earlier epoch: handles need re-creating again
         self.cache.reset()
         self.cache.fail_over(self.sm.session_lease_ends())
         self.epoch = term
@@ -256,6 +275,7 @@ class CellService:
         log.info("no longer master (epoch %d)", self.epoch)
         self.epoch = 0
         self._ready = trio.Event()
+        self._pending_renewals.clear()
         self.cache.reset()
         self._notify_cache()
         # Held KeepAlives go back to their clients, which find the new master.
@@ -285,7 +305,7 @@ class CellService:
         try:
             value = await self._dispatch(op, request, principal)
         except CellError as exc:
-            return {"error": exc.code, "message": exc.message}
+            return {"error": exc.code, "message": exc.message, **exc.fields}
         except MalformedCommand as exc:
             return {"error": "bad_request", "message": str(exc)}
         if isinstance(value, _Reply):
@@ -296,6 +316,8 @@ class CellService:
         if op == "check_sequencer":
             return await self._read(c.CheckSequencer(now_ms=self.clock_ms(), sequencer=_field(req, "sequencer")))
         await self._wait_master()
+        if op not in ("keep_alive", "end_session"):
+            self._check_epoch(req)
         if op == "create_session":
             sid = next(self._session_ids)
             now = self.clock_ms()
@@ -308,7 +330,7 @@ class CellService:
             if ack is not None:
                 ack = _int(req, "ack")
             return await self._keep_alive(_int(req, "session_id"), bool(req.get("hold", False)), ack,
-                                          req.get("ack_epoch"))
+                                          req.get("ack_epoch"), _handle_ids(req))
         session_id = _int(req, "session_id")
         if op == "end_session":
             return await self._modify(c.EndSession(now_ms=self.clock_ms(), session_id=session_id),
@@ -356,6 +378,20 @@ class CellService:
         if op in ("set_contents", "set_acl", "delete", "close"):
             return await self._modify(cmd, self._handle_paths(op, handle))
         return await self._propose(cmd)
+
+    def _check_epoch(self, req: dict) -> None:
+        """A request names the master epoch its client last heard of (if it
+        follows epochs at all). An older one: the client has not yet heard of
+        this fail-over, so it must not be served yet; it retries once its
+        KeepAlive has brought the news. A newer one: we are a deposed master."""
+        if "epoch" not in req:
+            return
+        epoch = _int(req, "epoch")
+        if epoch < self.epoch:
+            raise CellError("stale_epoch", f"request of master epoch {epoch}; this master's is {self.epoch}",
+                            epoch=self.epoch)
+        if epoch > self.epoch:
+            raise NotLeaderError(self.node.leader if self.node.role != Role.LEADER else None)
 
     # ---- the consistent cache: what a change touches, and waiting for acks -----------
 
@@ -409,13 +445,17 @@ class CellService:
         return paths
 
     def _expiring_ephemeral_paths(self, now_ms: int) -> list[str]:
+        """What a command stamped `now_ms` deletes before its own effect:
+        ephemeral nodes of sessions whose lease ends, and those the
+        post-fail-over sweep removes."""
         due = self.sm.next_deadline_ms()
         if due is None or due > now_ms:
             return []
         paths: list[str] = []
-        for session_id, lease_end in self.sm.session_lease_ends().items():
-            if lease_end <= now_ms:
-                paths += self._session_ephemeral_paths(session_id)
+        for session_id in self.sm.sessions_expiring_by(now_ms):
+            paths += self._session_ephemeral_paths(session_id)
+        for path in self.sm.ephemeral_sweep_paths(now_ms):
+            paths += self._ephemeral_chain(self.sm.nodes[self.sm.by_path[path]])
         return paths
 
     async def _modify(self, cmd: Any, paths: Any, prefixes: Any = ()) -> Any:
@@ -475,7 +515,7 @@ class CellService:
                 del self._acquire_waiters[key]
 
     async def _keep_alive(self, session_id: int, hold: bool, ack: int | None = None,
-                          ack_epoch: Any = None) -> dict:
+                          ack_epoch: Any = None, handle_ids: list[int] | None = None) -> dict:
         """A long poll: held until shortly before the lease we promised ends
         (or until the master has something for the session, or steps down),
         then the lease is extended, replicated first, and the reply says by
@@ -485,7 +525,11 @@ class CellService:
         `ack` settles everything delivered up to that sequence. The reply
         carries every item not yet acknowledged, gathered only after the lease
         extension committed: a client can thus never hold a lease that was
-        granted after an invalidation without having received it."""
+        granted after an invalidation without having received it.
+
+        The ack that settles the session's fail-over item re-creates its
+        handles in this epoch: those in `handle_ids` (what the client still
+        holds), or all of them for a client that does not say."""
         if session_id not in self.sm.sessions:
             # Our applied state may be behind (a deposed master, or one still
             # catching up): decide "gone" only after a read barrier.
@@ -493,8 +537,11 @@ class CellService:
             if session_id not in self.sm.sessions:
                 raise CellError("session_expired", f"session {session_id} does not exist or has ended")
         if ack is not None and (ack_epoch is None or ack_epoch == self.epoch):
+            failover_pending = self.cache.failover_pending(session_id)
             if self.cache.ack(session_id, ack):
                 self._notify_cache()
+            if failover_pending and not self.cache.failover_pending(session_id):
+                self._renew_handles(session_id, handle_ids)
         received_ms = self.clock_ms()
         promised = self.sm.sessions[session_id].lease_end_ms
         if hold and not self.cache.has_pending(session_id):
@@ -531,26 +578,46 @@ class CellService:
         if not self.epoch:
             raise NotLeaderError(self.node.leader)
         items = self.cache.pending(session_id)
-        if ack is None and items and self.cache.ack(session_id, items[-1].seq):
+        if ack is None and items:
             # A client that sends no `ack` neither caches nor watches: what is
             # delivered counts as processed.
-            self._notify_cache()
+            failover_pending = self.cache.failover_pending(session_id)
+            if self.cache.ack(session_id, items[-1].seq):
+                self._notify_cache()
+            if failover_pending and not self.cache.failover_pending(session_id):
+                self._renew_handles(session_id, handle_ids)
         return {"session_id": session_id, "lease_ms": lease_ms, "held_ms": max(0, now - received_ms),
                 "epoch": self.epoch, "items": [item.to_wire() for item in items]}
 
+    def _renew_handles(self, session_id: int, handle_ids: list[int] | None) -> None:
+        """Re-create the session's handles in this epoch (next lease batch)."""
+        own = self.sm.session_handle_ids(session_id)
+        keep = own if handle_ids is None else set(own).intersection(handle_ids)
+        for handle_id in keep:
+            if handle_id in self.sm.unconfirmed:
+                self._pending_renewals[handle_id] = session_id
+        if self._pending_renewals and self._lease_batch is not None:
+            self._lease_batch.set()
+
     async def _lease_batcher(self) -> None:
-        """One ExtendLeases entry for all KeepAlives that arrive together."""
+        """One ExtendLeases entry for all KeepAlives that arrive together
+        (and the handle re-creations that came with fail-over acks)."""
         while True:
             self._lease_batch = trio.Event()
-            if not self._pending_leases:
+            if not self._pending_leases and not self._pending_renewals:
                 await self._lease_batch.wait()
             await trio.sleep(LEASE_BATCH_S)
             leases, self._pending_leases = self._pending_leases, {}
+            renew, self._pending_renewals = self._pending_renewals, {}
             done, self._lease_batch_done = self._lease_batch_done, trio.Event()
             try:
-                await self._propose(c.ExtendLeases(now_ms=self.clock_ms(), leases=leases))
+                await self._propose(c.ExtendLeases(now_ms=self.clock_ms(), leases=leases, renew=renew))
             except _PROPOSAL_FAILED as exc:
                 log.debug("lease extension failed: %s", exc)
+                if self.epoch:
+                    # No client asks again for these: retry with a later batch.
+                    self._pending_renewals = {**renew, **self._pending_renewals}
+                    await trio.sleep(0.1)
             finally:
                 done.set()
 
@@ -593,6 +660,16 @@ def _field(req: dict, name: str) -> Any:
     if name not in req:
         raise CellError("bad_request", f"missing field {name!r}")
     return req[name]
+
+
+def _handle_ids(req: dict) -> list[int] | None:
+    """A KeepAlive's optional `handles`: ids of the handles the client holds."""
+    value = req.get("handles")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in value):
+        raise CellError("bad_request", "'handles' must be a list of handle ids")
+    return value
 
 
 def _int(req: dict, name: str) -> int:

@@ -47,7 +47,8 @@ from chubbyfs.locks import (
     check_lock_delay_ms,
 )
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2 added the master epoch and the ephemeral sweep; 1 still restores
+_SNAPSHOT_FIELDS = {1: 15, 2: 18}
 ADMIN_ACL_NAME = "admin"
 MIN_SECRET_BYTES = 16
 
@@ -164,6 +165,13 @@ class CellStateMachine:
         # same path inherits it, so deleting an ephemeral lock file cannot
         # cut a failed holder's lock-delay short.
         self.path_delays: dict[str, int] = {}
+        # The master epoch a new master's Tick started, and its ephemeral
+        # sweep: handles open on ephemeral nodes when the epoch started that
+        # have not been re-created in it (ExtendLeases.renew), and when
+        # ephemeral nodes with only such handles go (0: no sweep pending).
+        self.epoch = 0
+        self.sweep_at_ms = 0
+        self.unconfirmed: set[int] = set()
         # Derived timers (lazy heaps: an entry is live only if it still equals
         # the state it was pushed for). Rebuilt on restore.
         self._lease_heap: list[tuple[int, int]] = []
@@ -251,10 +259,40 @@ class CellStateMachine:
 
     def next_deadline_ms(self) -> int | None:
         """The earliest stamped time at which a Tick may change something (a
-        lease or a lock-delay ending; possibly earlier, never later): the
-        master proposes a Tick then."""
-        times = [h[0][0] for h in (self._lease_heap, self._delay_heap, self._path_delay_heap) if h]
+        lease or a lock-delay ending, the ephemeral sweep; possibly earlier,
+        never later): the master proposes a Tick then."""
+        # Every lease extension leaves its old end behind in the heap; drop
+        # those here, or each would cost the master a needless Tick.
+        heap = self._lease_heap
+        while heap and (heap[0][1] not in self.sessions
+                        or self.sessions[heap[0][1]].lease_end_ms != heap[0][0]):
+            heapq.heappop(heap)
+        times = [h[0][0] for h in (heap, self._delay_heap, self._path_delay_heap) if h]
+        if self.sweep_at_ms:
+            times.append(self.sweep_at_ms)
         return min(times) if times else None
+
+    def sessions_expiring_by(self, now_ms: int) -> list[int]:
+        """Live sessions whose lease ends at or before `now_ms`, in expiry
+        order; walks only the heap entries that are due, not every session."""
+        heap, found, todo = self._lease_heap, [], [0]
+        while todo:
+            i = todo.pop()
+            if i < len(heap) and heap[i][0] <= now_ms:
+                lease_end, sid = heap[i]
+                session = self.sessions.get(sid)
+                if session is not None and session.lease_end_ms == lease_end:
+                    found.append(heap[i])
+                todo += [2 * i + 1, 2 * i + 2]
+        return [sid for _, sid in sorted(found)]
+
+    def ephemeral_sweep_paths(self, now_ms: int) -> list[str]:
+        """Paths of the ephemeral nodes the sweep deletes if applied at
+        `now_ms` (none before it is due), so the master can invalidate their
+        cachers first."""
+        if not self.sweep_at_ms or now_ms < self.sweep_at_ms:
+            return []
+        return [node.path for node in self._unrenewed_ephemerals()]
 
     def session_handle_ids(self, session_id: int) -> tuple[int, ...]:
         session = self.sessions.get(session_id)
@@ -282,9 +320,55 @@ class CellStateMachine:
             until, path = heapq.heappop(self._path_delay_heap)
             if self.path_delays.get(path) == until:
                 del self.path_delays[path]
+        if self.sweep_at_ms and now >= self.sweep_at_ms:
+            self._sweep_ephemerals(fx)
 
     def _tick(self, cmd: Tick, fx: _Effects) -> Result:
+        if cmd.epoch > self.epoch:
+            self._start_epoch(cmd.epoch, cmd.ephemeral_grace_ms, fx)
         return Result(ErrorCode.OK, value=fx.now_ms)
+
+    # ================================================================ master epochs
+
+    def _start_epoch(self, epoch: int, grace_ms: int, fx: _Effects) -> None:
+        """A new master: handles on ephemeral nodes must be re-created in this
+        epoch (a client re-creates those it still holds) within the grace
+        interval, or stop keeping their node alive. One pass over the nodes
+        per fail-over. A sweep still pending from an earlier epoch is
+        replaced: its handles get the new, full interval."""
+        self.epoch = epoch
+        self.unconfirmed = set()
+        self.sweep_at_ms = 0
+        if grace_ms <= 0:
+            return
+        for instance in sorted(self.nodes):
+            node = self.nodes[instance]
+            if node.ephemeral:
+                self.unconfirmed.update(node.handle_ids)
+        if self.unconfirmed:
+            self.sweep_at_ms = fx.now_ms + grace_ms
+
+    def _unrenewed_ephemerals(self) -> list[Node]:
+        """Ephemeral nodes whose every open handle awaits re-creation."""
+        instances = {self.handles[h].instance for h in self.unconfirmed if not self.handles[h].stale}
+        return [self.nodes[i] for i in sorted(instances)
+                if self.nodes[i].handle_ids <= self.unconfirmed]
+
+    def _sweep_ephemerals(self, fx: _Effects) -> None:
+        """The grace interval is over: handles never re-created are closed
+        where they alone keep an ephemeral node, as if their session had
+        ended for them (the lock goes with its lock-delay: its holder may not
+        know), and the node is collected."""
+        doomed = self._unrenewed_ephemerals()
+        self.unconfirmed = set()
+        self.sweep_at_ms = 0
+        for node in doomed:
+            for handle_id in sorted(node.handle_ids):
+                self._close_handle(self.handles[handle_id], fx, session_ending=True)
+        for node in doomed:
+            if node.instance in self.nodes:
+                self._regrant(node, fx)
+                self._collect_ephemeral(node, fx)
 
     def _set_lock_delay(self, node: Node, until_ms: int) -> None:
         if until_ms > node.lock.delay_until_ms:
@@ -348,6 +432,12 @@ class CellStateMachine:
     def _extend_leases(self, cmd: ExtendLeases, fx: _Effects) -> Result:
         # Sessions that ended meanwhile are skipped, not an error: the master
         # batches watermarks and must not lose the whole batch to one of them.
+        # So are re-creations of handles that were closed (a closed handle
+        # never comes back) or belong to another session.
+        for handle_id in sorted(cmd.renew):
+            handle = self.handles.get(handle_id)
+            if handle is not None and handle.session_id == cmd.renew[handle_id]:
+                self.unconfirmed.discard(handle_id)
         unknown = []
         for sid in sorted(cmd.leases):
             session = self.sessions.get(sid)
@@ -676,6 +766,7 @@ class CellStateMachine:
                 handle.held_mode = None
             node.handle_ids.discard(handle.handle_id)
         self.sessions[handle.session_id].handle_ids.discard(handle.handle_id)
+        self.unconfirmed.discard(handle.handle_id)
         del self.handles[handle.handle_id]
         return node
 
@@ -939,6 +1030,7 @@ class CellStateMachine:
             [[sid, self.sessions[sid].lease_end_ms] for sid in sorted(self.sessions)],
             [self.handles[h].to_wire() for h in sorted(self.handles)],
             sorted([path, until] for path, until in self.path_delays.items()),
+            self.epoch, self.sweep_at_ms, sorted(self.unconfirmed),
         ]
         return msgpack.packb(state, use_bin_type=True)
 
@@ -948,7 +1040,8 @@ class CellStateMachine:
         fresh = CellStateMachine()
         try:
             state = msgpack.unpackb(data, raw=False, strict_map_key=False)
-            if not isinstance(state, list) or len(state) != 15 or state[0] != SNAPSHOT_VERSION:
+            if (not isinstance(state, list) or not state
+                    or _SNAPSHOT_FIELDS.get(state[0]) != len(state)):
                 raise SnapshotError("not a cell snapshot of a known version")
             fresh._restore_fields(state)
             fresh.assert_invariants()
@@ -961,8 +1054,13 @@ class CellStateMachine:
     def _restore_fields(self, state: list) -> None:
         (_, applied_index, cell, secret, admins, limits, now_ms, next_instance,
          generation_counter, next_handle_id, last_session_id, nodes, sessions, handles,
-         path_delays) = state
+         path_delays) = state[:15]
         self._reset()
+        if len(state) > 15:  # version 2
+            epoch, sweep_at_ms, unconfirmed = state[15:]
+            self.epoch = int(epoch)
+            self.sweep_at_ms = int(sweep_at_ms)
+            self.unconfirmed = {int(h) for h in unconfirmed}
         self.applied_index = applied_index
         self.cell = cell
         self.secret = secret
@@ -1078,6 +1176,10 @@ class CellStateMachine:
                       f"handle {handle_id} names a missing node instance")
         for path, until in self.path_delays.items():
             check(until > now and path not in self.by_path, f"bad leftover lock-delay at {path}")
+        check(self.unconfirmed <= self.handles.keys(), "a closed handle awaits re-creation")
+        check(bool(self.sweep_at_ms) or not self.unconfirmed,
+              "handles await re-creation but no ephemeral sweep is due")
+        check(self.sweep_at_ms == 0 or self.sweep_at_ms > now, "the ephemeral sweep is overdue")
 
     def _check_lock(self, node: Node, now: int, check: Callable[[bool, str], None]) -> None:
         lock = node.lock

@@ -18,6 +18,13 @@ in jeopardy the cache is emptied and calls wait for the session to be safe
 again or expire. A master fail-over is hidden: the session, its handles and
 locks continue; the cache is emptied and a `MasterFailover` event warns
 that events may have been lost.
+
+Every request names the master epoch the session last heard of. A new
+master refuses one naming an older epoch (`stale_epoch`) until the session
+has heard of the fail-over; the call then waits for the KeepAlive that
+brings it and is sent again. The KeepAlive that acknowledges a fail-over
+lists the handles the session holds, which re-creates them at the new
+master; a closed handle is never listed, so it never comes back.
 """
 
 from __future__ import annotations
@@ -89,6 +96,13 @@ class Session:
         self.on_flush: Callable[[], "Awaitable[None] | None"] | None = None
         self._handles: dict[int, Handle] = {}
         self._subscribers: list[EventQueue] = []
+        self._epoch_changed = trio.Event()
+        self._declare_handles = False  # a fail-over was processed: the next KeepAlive lists our handles
+
+    @property
+    def epoch(self) -> int:
+        """The master epoch this session last heard of (0: none yet)."""
+        return self.cache.epoch
 
     @property
     def state(self) -> SessionState:
@@ -123,6 +137,8 @@ class Session:
             self._history.extend(changes)
             self._changed.set()
             self._changed = trio.Event()
+            if self.expired:
+                self._epoch_changed.set()  # calls waiting for a new epoch fail now
 
     def events(self) -> EventQueue:
         """Every event of every handle of this session, and fail-overs, from
@@ -155,19 +171,28 @@ class Session:
     async def _call_reply(self, op: str, *, idempotent: bool, **args: Any) -> dict:
         # In jeopardy calls wait: they go on once a master renews the lease,
         # or fail when the grace period ends (Chubby §2.8).
-        while self.state == SessionState.JEOPARDY and op != "keep_alive":
-            await self._changed.wait()
-        if self.expired:
-            raise SessionExpiredError("session_expired", f"session {self.id} has ended")
-        try:
-            reply = await self.conn.call(op, idempotent=idempotent, session_id=self.id, **args)
-        except CellError as exc:
-            if exc.code == "session_expired":
-                self.core.master_says_expired(trio.current_time() * 1000)
-                self._publish()
-                raise SessionExpiredError(exc.code, exc.message) from None
-            raise
-        return reply
+        while True:
+            while self.state == SessionState.JEOPARDY and op != "keep_alive":
+                await self._changed.wait()
+            if self.expired:
+                raise SessionExpiredError("session_expired", f"session {self.id} has ended")
+            epoch = self.epoch
+            if epoch and op != "keep_alive":
+                args["epoch"] = epoch
+            try:
+                return await self.conn.call(op, idempotent=idempotent, session_id=self.id, **args)
+            except CellError as exc:
+                if exc.code == "session_expired":
+                    self.core.master_says_expired(trio.current_time() * 1000)
+                    self._publish()
+                    raise SessionExpiredError(exc.code, exc.message) from None
+                if exc.code != "stale_epoch":
+                    raise
+            # A newer master that we have not heard from yet refused the call
+            # unexecuted: wait for our KeepAlive to bring its fail-over, then
+            # send the call again.
+            while self.epoch == epoch and not self.expired:
+                await self._epoch_changed.wait()
 
     async def open(self, path: str, *, read: bool = True, write: bool = False, lock: bool = False,
                    change_acl: bool = False, create: Literal["file", "directory"] | None = None,
@@ -218,10 +243,12 @@ class Session:
                     attempt_s = max(0.2, self.core.local_lease_end_ms / 1000 - sent_at)
                 else:
                     attempt_s = max(0.2, self.lease_ms / 4000)
+                declare = self._declare_handles
+                extra: dict[str, Any] = {"handles": sorted(self._handles)} if declare else {}
                 try:
                     reply = await self._call_reply("keep_alive", idempotent=True, hold=safe,
                                                    ack=self.cache.last_seq, ack_epoch=self.cache.epoch,
-                                                   timeout_s=attempt_s)
+                                                   timeout_s=attempt_s, **extra)
                 except SessionExpiredError:
                     break
                 except CellError as exc:
@@ -230,6 +257,8 @@ class Session:
                     await trio.sleep(0.05)  # no master yet; the timer decides our fate
                     continue
                 value = reply["value"]
+                if declare and value.get("epoch") == self.cache.epoch:
+                    self._declare_handles = False
                 await self._process_items(value.get("epoch", 0), value.get("items", ()))
                 self.core.keep_alive_succeeded(sent_at_ms=sent_at * 1000,
                                                lease_ms=value["held_ms"] + value["lease_ms"],
@@ -243,6 +272,8 @@ class Session:
         next KeepAlive acknowledges them."""
         if self.cache.start_epoch(epoch):
             await self._run_hook(self.on_flush)
+            self._epoch_changed.set()
+            self._epoch_changed = trio.Event()
         for seq, kind, handle_id, path, name in items:
             if not self.cache.is_new(seq):
                 continue  # a reply re-sent after a lost one
@@ -253,6 +284,7 @@ class Session:
             event = make_event(seq, kind, handle_id, path, name)
             if isinstance(event, MasterFailover):
                 await self._run_hook(self.on_flush)
+                self._declare_handles = True
                 targets = list(self._handles.values())
             else:
                 handle = self._handles.get(handle_id)
