@@ -64,7 +64,10 @@ class Replica:
             tick_seconds=cell.tick_ms / 1000,
             snapshot_every=cell.snapshot_every,
             snapshot_keep_entries=cell.snapshot_keep_entries,
+            after_ready=self._write_replies,
         )
+        # Client connections with replies waiting to be written.
+        self._unwritten: set[_ReplyOutbox] = set()
         self.transport.deliver = self.node.deliver
         self.transport.on_unreachable = self.node.raw.report_unreachable
         self.service: CellService | None = None
@@ -87,7 +90,8 @@ class Replica:
             task_status.started(self.listen_port)
 
     async def _handle_connection(self, stream: trio.SocketStream) -> None:
-        framed = FramedStream(stream, RAFT_MAX_FRAME_BYTES)
+        framed = FramedStream.over_tcp(stream, RAFT_MAX_FRAME_BYTES)
+        stream = framed.stream
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                 hello = await framed.receive()
@@ -119,36 +123,21 @@ class Replica:
     async def _serve_client(self, framed: FramedStream, principal: str) -> None:
         """Requests on one connection run concurrently; each reply carries the
         request's id so the client can match them. Replies that become ready
-        together (one Raft apply answers many) leave in one write."""
-        outbox: list[dict] = []
-        ready = trio.Event()
-
-        async def write_replies() -> None:
-            nonlocal ready
-            while True:
-                await ready.wait()
-                ready = trio.Event()
-                batch = outbox[:]
-                outbox.clear()
-                await framed.send_many(batch)
-
-        def deliver(reply: dict, request_id: Any) -> None:
-            reply["id"] = request_id
-            outbox.append(reply)
-            ready.set()
+        together (one Raft apply answers many) leave in one write, made from
+        the Raft loop itself right after the apply (`_write_replies`)."""
+        outbox = _ReplyOutbox(framed, self._unwritten)
 
         async def answer(request: Any) -> None:
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                 reply: dict = {"error": "bad_request", "message": "a request is a map with an 'op' string"}
             else:
                 reply = await self.handle(request, principal)
-            reply["id"] = request.get("id") if isinstance(request, dict) else None
-            outbox.append(reply)
-            ready.set()
+            outbox.put(reply, request.get("id") if isinstance(request, dict) else None)
+            outbox.write_nowait()
 
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(write_replies)
+                nursery.start_soon(outbox.write_backlog)
                 while True:
                     try:
                         request = await framed.receive()
@@ -156,13 +145,22 @@ class Replica:
                             OSError) as exc:
                         log.debug("client connection ended: %s", exc)
                         break
-                    if not (self.service is None and self._answer_kv_inline(request, deliver)):
+                    if self.service is None and self._answer_kv_inline(request, outbox.put):
+                        outbox.write_nowait()  # a lease read answered at once
+                    else:
                         nursery.start_soon(answer, request)
                 # The client is gone: nobody is left to answer, so stop
                 # waiting (a blocked Acquire, say) on its behalf.
                 nursery.cancel_scope.cancel()
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("client went away before its replies were written")
+        finally:
+            self._unwritten.discard(outbox)
+
+    def _write_replies(self) -> None:
+        """After a round of applies: write every connection's replies."""
+        while self._unwritten:
+            self._unwritten.pop().write_nowait()
 
     async def handle(self, request: dict, principal: str = "anonymous") -> dict:
         op = request["op"]
@@ -237,6 +235,36 @@ class Replica:
         if self.service is not None:
             st["master"] = self.service.statistics()
         return st
+
+
+class _ReplyOutbox:
+    """One client connection's replies on their way out: gathered (from the
+    apply step, request tasks, inline reads), then written without waiting;
+    what the socket does not take at once is written by `write_backlog`."""
+
+    def __init__(self, framed: FramedStream, unwritten: set[_ReplyOutbox]) -> None:
+        self.framed = framed
+        self._replies: list[dict] = []
+        self._unwritten = unwritten
+        self._backlog = trio.Event()
+
+    def put(self, reply: dict, request_id: Any) -> None:
+        reply["id"] = request_id
+        self._replies.append(reply)
+        self._unwritten.add(self)
+
+    def write_nowait(self) -> None:
+        self._unwritten.discard(self)
+        if self._replies:
+            replies, self._replies = self._replies, []
+            if not self.framed.send_nowait(replies):
+                self._backlog.set()
+
+    async def write_backlog(self) -> None:
+        while True:
+            await self._backlog.wait()
+            self._backlog = trio.Event()
+            await self.framed.flush()
 
 
 def _error_reply(cell: CellConfig, exc: BaseException) -> dict:

@@ -908,7 +908,11 @@ class Raft:
         return changed
 
     def _on_commit(self) -> None:
-        self._mark_append_all(True)  # tell followers the new commit index
+        # Followers learn the new commit index from the next APPEND or
+        # heartbeat rather than from an empty APPEND now: that would double
+        # the messages (and their acknowledgements) of every lone write, and
+        # only the leader serves reads. Entries still waiting go out.
+        self._mark_append_all(False)
         if self.pending_reads and self.committed_in_term():
             pending, self.pending_reads = self.pending_reads, []
             for ctx in pending:

@@ -76,6 +76,11 @@ class Transport(Protocol):
         """Queue msg for its destination; never blocks, may drop."""
         ...
 
+    def flush(self) -> None:
+        """Start delivering what `send` queued (called once per Ready);
+        never blocks."""
+        ...
+
 
 @dataclass(slots=True)
 class _Waiter:
@@ -135,6 +140,7 @@ class RaftNode:
         snapshot_keep_entries: int = 1_000,
         inbound_capacity: int = 8_192,
         trace: TraceFn | None = None,
+        after_ready: Callable[[], None] | None = None,
     ) -> None:
         self.id = config.id
         self.storage = storage
@@ -146,6 +152,9 @@ class RaftNode:
         self._last_tick_at = 0.0  # set when run() starts
         self._max_tick_burst = 2 * config.election_tick + 2
         self._trace = trace
+        # Called after each round of Ready handling: the shell writes the
+        # replies that round's applies produced in one go (never blocks).
+        self._after_ready = after_ready
         snap = storage.snapshot()
         if not snap.is_empty():
             state_machine.restore(snap.data)
@@ -328,9 +337,13 @@ class RaftNode:
                     self.raw.step(msg)
                 while self.raw.has_ready():
                     await self._handle_ready(self.raw.ready())
-                # Let proposers and readers run so their requests batch into
-                # the next Ready (group commit).
-                await trio.lowlevel.checkpoint()
+                if self._after_ready is not None:
+                    self._after_ready()
+                # Proposers and readers run while we wait for the next wakeup,
+                # so their requests batch into the next Ready (group commit);
+                # if it came already, yield once anyway for the same reason.
+                if self._wakeup.is_set():
+                    await trio.lowlevel.checkpoint()
         finally:
             self._fail_all(NodeStoppedError(f"replica {self.id} stopped"))
 
@@ -348,7 +361,7 @@ class RaftNode:
         if early and rd.messages:
             for m in rd.messages:
                 send(m)
-            await trio.lowlevel.checkpoint()
+            self.transport.flush()
         st = self.storage
         if rd.snapshot is not None:
             st.apply_snapshot(rd.snapshot)
@@ -364,9 +377,10 @@ class RaftNode:
             if self._trace:
                 hs = rd.hard_state
                 self._trace("hard_state", {"term": hs.term, "vote": hs.vote, "commit": hs.commit})
-        if not early:
+        if not early and rd.messages:
             for m in rd.messages:
                 send(m)
+            self.transport.flush()
         if rd.snapshot is not None:
             self._apply_snapshot(rd)
         if rd.committed_entries:

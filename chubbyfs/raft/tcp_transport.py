@@ -1,8 +1,10 @@
 """Raft messages between replicas over TCP.
 
-One outbound task per peer: it owns a bounded queue (a slow or dead peer can
-cost at most `queue_limit` messages of memory), connects with exponential
-back-off, and writes every queued message in one `send_all`. Inbound
+One outbound connection per peer with a bounded queue (a slow or dead peer
+can cost at most `queue_limit` messages of memory). `flush()`, called by the
+node once per Ready, writes each peer's queued messages straight into the
+socket when the kernel takes them; only what it does not take (and
+connecting, with exponential back-off) is left to the peer's task. Inbound
 connections are accepted by the replica's listener and handed to
 `serve_inbound`. Raft tolerates loss, so everything here drops rather than
 blocks.
@@ -33,6 +35,7 @@ class _Peer:
         self.id = peer_id
         self.address = address
         self.queue: deque[Message] = deque()
+        self.framed: FramedStream | None = None  # while connected
         self.wakeup = trio.Event()
         self.cancel_scope = trio.CancelScope()
         self.dropped = 0
@@ -64,7 +67,21 @@ class TcpTransport:
             peer.dropped += 1
             return
         peer.queue.append(msg)
-        peer.wakeup.set()
+
+    def flush(self) -> None:
+        """Put what `send` queued on the wire, without waiting: what the
+        kernel does not take at once goes to the peer's task."""
+        for peer in self._peers.values():
+            if not peer.queue:
+                continue
+            framed = peer.framed
+            if framed is None:
+                peer.wakeup.set()  # not connected: its task connects and sends
+                continue
+            batch = [message_to_wire(m) for m in peer.queue]
+            peer.queue.clear()
+            if not framed.send_nowait(batch):
+                peer.wakeup.set()
 
     def set_peers(self, peers: dict[int, str]) -> None:
         """Follow a membership change: start links to new peers, stop old ones."""
@@ -104,17 +121,21 @@ class TcpTransport:
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
                     continue
                 backoff = BACKOFF_MIN_S
+                peer.framed = framed
                 try:
                     await self._pump(peer, framed)
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                     self.on_unreachable(peer.id)
                 finally:
+                    peer.framed = None
                     await trio.aclose_forcefully(framed.stream)
 
     @staticmethod
     async def _pump(peer: _Peer, framed: FramedStream) -> None:
+        """Write what `flush` could not, and what was queued while we were
+        not connected."""
         while True:
-            if not peer.queue:
+            if not peer.queue and not framed.has_backlog:
                 peer.wakeup = trio.Event()
                 await peer.wakeup.wait()
             batch = [message_to_wire(m) for m in peer.queue]

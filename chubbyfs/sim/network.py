@@ -49,7 +49,8 @@ class NetworkConfig:
 
 
 class SimTransport:
-    """What one replica sees of the network: `send` only."""
+    """What one replica sees of the network: `send`, which hands the message
+    to the simulated links at once (so `flush` has nothing left to do)."""
 
     def __init__(self, network: SimNetwork, node_id: int) -> None:
         self._network = network
@@ -57,6 +58,9 @@ class SimTransport:
 
     def send(self, msg: Message) -> None:
         self._network.send(self.node_id, msg)
+
+    def flush(self) -> None:
+        pass
 
 
 class SimNetwork:

@@ -31,6 +31,9 @@ class _NoPeers:
     def send(self, msg: Any) -> None:
         raise AssertionError(f"a single-voter cell sends no messages: {msg}")
 
+    def flush(self) -> None:
+        pass
+
 
 class InProcessCell:
     def __init__(self, service: CellService, node: RaftNode) -> None:

@@ -232,6 +232,20 @@ class Network:
             self.raw(node_id).tick()
             self._observe(node_id)
 
+    def heartbeat(self, leader: int, max_ticks: int = 100) -> None:
+        """Tick only the leader until a heartbeat round has gone out, then
+        stabilize: followers learn the commit index from it (§5.3: from later
+        AppendEntries, heartbeats included; no empty APPEND goes out just to
+        announce a commit)."""
+        for _ in range(max_ticks):
+            self.tick(leader)
+            self.process_ready(leader)
+            sent = any(m.type == MessageType.HEARTBEAT for m in self.msgs)
+            self.stabilize()
+            if sent:
+                return
+        raise AssertionError(f"node {leader} sent no heartbeat in {max_ticks} ticks")
+
     def tick_all(self, n: int = 1, stabilize: bool = True) -> None:
         for _ in range(n):
             for i in sorted(self.nodes):

@@ -223,6 +223,7 @@ def test_leader_commits_after_majority_and_followers_learn_it() -> None:
     index, _ = net.propose(1, b"v")
     net.stabilize()
     assert net.raw(1).status().commit == index
+    net.heartbeat(1)
     assert net.raw(2).status().commit == index and net.raw(3).status().commit == index
     net.cut(1, 3)
     index2, _ = net.propose(1, b"w")
@@ -231,6 +232,7 @@ def test_leader_commits_after_majority_and_followers_learn_it() -> None:
     net.recover()
     net.tick(1)
     net.stabilize()
+    net.heartbeat(1)
     assert all(net.raw(i).status().commit == index2 for i in net.nodes)
 
 
@@ -451,6 +453,7 @@ def test_committed_entries_are_applied_in_order_exactly_once() -> None:
         if i % 7 == 0:
             net.stabilize()
     net.stabilize()
+    net.heartbeat(1)
     for node in net.nodes.values():
         assert [d for _, _, d in node.applied] == [b"%d" % i for i in range(30)]
         assert node.applied_index == node.raw.status().commit

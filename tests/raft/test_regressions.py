@@ -22,6 +22,7 @@ def test_rejoining_empty_replica_catches_up_when_first_probe_is_lost():
     for i in range(20):
         net.propose(1, b"y%d" % i)
     net.stabilize()
+    net.heartbeat(1)
     net.compact(1, 30)
     net.compact(2, 30)
     net.add_node(3, MemoryStorage())
@@ -29,6 +30,7 @@ def test_rejoining_empty_replica_catches_up_when_first_probe_is_lost():
     # Deliver everything except APPENDs to 3: its first probe is lost.
     net.stabilize(keep=lambda m: not (m.to == 3 and m.type == MessageType.APPEND))
     net.tick_all(3)
+    net.heartbeat(1)
     last = net.raw(1).status().last_index
     assert net.raw(3).status().last_index == last
     assert net.raw(3).status().commit == net.raw(1).status().commit

@@ -69,6 +69,7 @@ def test_inflight_window_bounds_pipelined_appends() -> None:
     assert net.raw(1).status().progress[2].state == ProgressState.REPLICATE
     # Acks open the window again; everything arrives.
     net.stabilize()
+    net.heartbeat(1)
     assert net.raw(2).status().commit == net.raw(1).status().last_index
 
 
@@ -429,6 +430,7 @@ def test_restart_rebuilds_state_and_redelivers_after_applied() -> None:
     for i in range(6):
         net.propose(1, b"%d" % i)
     net.stabilize()
+    net.heartbeat(1)
     storage = net.nodes[2].storage
     before = net.raw(2).status()
     raw = RawNode(Config(id=2, applied=6), storage, random.Random(0))
