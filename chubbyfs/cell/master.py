@@ -166,6 +166,7 @@ class CellService:
         self._acquire_waiters: dict[tuple[int, int], trio.MemorySendChannel[LockWakeup]] = {}
         self._pending_leases: dict[int, int] = {}
         self._pending_renewals: dict[int, int] = {}  # handle_id -> session_id, re-created next batch
+        self._declared: set[int] = set()  # sessions that listed the handles they hold, this epoch
         self._lease_batch: trio.Event | None = None
         self._lease_batch_done = trio.Event()
         self._wake_ticker = trio.Event()
@@ -263,6 +264,7 @@ class CellService:
         if self.node.role != Role.LEADER or self.node.term != term:
             return
         self._pending_renewals.clear()  # of an earlier epoch: handles need re-creating again
+        self._declared.clear()
         self.cache.reset()
         self.cache.fail_over(self.sm.session_lease_ends())
         self.epoch = term
@@ -276,6 +278,7 @@ class CellService:
         self.epoch = 0
         self._ready = trio.Event()
         self._pending_renewals.clear()
+        self._declared.clear()
         self.cache.reset()
         self._notify_cache()
         # Held KeepAlives go back to their clients, which find the new master.
@@ -527,9 +530,10 @@ class CellService:
         extension committed: a client can thus never hold a lease that was
         granted after an invalidation without having received it.
 
-        The ack that settles the session's fail-over item re-creates its
-        handles in this epoch: those in `handle_ids` (what the client still
-        holds), or all of them for a client that does not say."""
+        A KeepAlive from a client that has heard of this epoch re-creates the
+        session's handles in it: those in `handle_ids` (what the client still
+        holds; the library sends them once, right after the fail-over), or,
+        for a client that never says, all of them."""
         if session_id not in self.sm.sessions:
             # Our applied state may be behind (a deposed master, or one still
             # catching up): decide "gone" only after a read barrier.
@@ -537,11 +541,10 @@ class CellService:
             if session_id not in self.sm.sessions:
                 raise CellError("session_expired", f"session {session_id} does not exist or has ended")
         if ack is not None and (ack_epoch is None or ack_epoch == self.epoch):
-            failover_pending = self.cache.failover_pending(session_id)
             if self.cache.ack(session_id, ack):
                 self._notify_cache()
-            if failover_pending and not self.cache.failover_pending(session_id):
-                self._renew_handles(session_id, handle_ids)
+        if ack is None or ack_epoch == self.epoch:
+            self._renew_handles(session_id, handle_ids)
         received_ms = self.clock_ms()
         promised = self.sm.sessions[session_id].lease_end_ms
         if hold and not self.cache.has_pending(session_id):
@@ -578,19 +581,23 @@ class CellService:
         if not self.epoch:
             raise NotLeaderError(self.node.leader)
         items = self.cache.pending(session_id)
-        if ack is None and items:
+        if ack is None and items and self.cache.ack(session_id, items[-1].seq):
             # A client that sends no `ack` neither caches nor watches: what is
             # delivered counts as processed.
-            failover_pending = self.cache.failover_pending(session_id)
-            if self.cache.ack(session_id, items[-1].seq):
-                self._notify_cache()
-            if failover_pending and not self.cache.failover_pending(session_id):
-                self._renew_handles(session_id, handle_ids)
+            self._notify_cache()
         return {"session_id": session_id, "lease_ms": lease_ms, "held_ms": max(0, now - received_ms),
                 "epoch": self.epoch, "items": [item.to_wire() for item in items]}
 
     def _renew_handles(self, session_id: int, handle_ids: list[int] | None) -> None:
-        """Re-create the session's handles in this epoch (next lease batch)."""
+        """Re-create the session's handles in this epoch (next lease batch):
+        the listed ones; with no list, all, unless the session has listed
+        its handles in this epoch before (the list said what it holds)."""
+        if not self.sm.unconfirmed:
+            return  # no sweep pending: nothing to re-create
+        if handle_ids is not None:
+            self._declared.add(session_id)
+        elif session_id in self._declared:
+            return
         own = self.sm.session_handle_ids(session_id)
         keep = own if handle_ids is None else set(own).intersection(handle_ids)
         for handle_id in keep:

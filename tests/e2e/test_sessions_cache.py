@@ -8,7 +8,7 @@ import signal
 import pytest
 import trio
 
-from chubbyfs.client.connection import open_cell_connection
+from chubbyfs.client.connection import CellError, open_cell_connection
 from chubbyfs.client.events import ContentsModified, EventKind, MasterFailover
 from chubbyfs.client.session import SessionState, open_session
 
@@ -110,3 +110,56 @@ async def test_sigstop_of_the_master_beyond_the_lease_means_jeopardy_then_safe(c
         assert states[:2] == [SessionState.JEOPARDY, SessionState.SAFE]
         assert (await h.get_contents_and_stat())[0] == b"x"
         assert await a.check_sequencer(sequencer) == (True, "")
+
+
+async def test_after_kill9_in_flight_calls_and_old_handles_continue_and_unheld_ephemerals_go(chubby_cell):
+    """A new epoch: the session's calls in flight at the kill complete at the
+    new master (refused for their old epoch until the session hears of it,
+    then sent again); handles made before keep working, and the ephemeral
+    node whose handle the session holds outlives the post-fail-over sweep
+    (5 leases) while one whose handle it lost does not."""
+    cell = chubby_cell
+    addresses = list(cell.addresses.values())
+    async with open_session("t", addresses=addresses, call_timeout_s=30) as a, \
+            open_session("t", addresses=addresses, call_timeout_s=30) as b:
+        held = await a.open("/ls/t/eph", create="file", ephemeral=True, lock=True)
+        sequencer = await held.acquire()
+        leaked = await a.open("/ls/t/leaked", create="file", ephemeral=True)
+        a._handles.pop(leaked.id)  # the library lost track of it (as after a lost Open reply)
+        closed = await a.open("/ls/t/closed", create="file")
+        await closed.close()
+        counter = await a.open("/ls/t/n", create="file", write=True)
+        old_epoch = a.epoch
+        written: list[int] = []
+
+        async def writer() -> None:
+            for i in range(1_000_000):
+                await counter.set_contents(b"%d" % i)
+                written.append(i)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            with trio.fail_after(10):
+                while len(written) < 5:
+                    await trio.sleep(0.01)
+            master = await _master(cell)
+            cell.kill(master)
+            before = len(written)
+            await _master(cell, exclude=master)
+            with trio.fail_after(20):
+                while len(written) < before + 5:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert a.epoch > old_epoch and a.state == SessionState.SAFE
+        assert written == list(range(len(written))), "every write completed, in order"
+        await trio.sleep(5 * LEASE_MS / 1000 + 2 * LEASE_MS / 1000)
+        with pytest.raises(CellError) as info:
+            await b.open("/ls/t/leaked")
+        assert info.value.code == "not_found"
+        assert (await b.open("/ls/t/eph")).stat.ephemeral
+        assert await a.check_sequencer(sequencer) == (True, "")
+        assert (await held.get_stat()).path == "/ls/t/eph"
+        with pytest.raises(CellError) as info:
+            await closed.get_stat()
+        assert info.value.code == "bad_handle"
+        cell.start(master)
