@@ -210,10 +210,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--allow-other", dest="allow_other", action="store_true", default=None,
                    help="let every local user use the mount (default when run as root)")
     m.add_argument("--no-allow-other", dest="allow_other", action="store_false")
-    m.add_argument("--attr-timeout", type=float, default=0.0, metavar="S",
-                   help="seconds the kernel may cache attributes (default 0)")
-    m.add_argument("--entry-timeout", type=float, default=0.0, metavar="S",
-                   help="seconds the kernel may cache names, also missing ones (default 0)")
+    m.add_argument("--attr-timeout", type=float, default=60.0, metavar="S",
+                   help="at most S seconds the kernel caches attributes and pages a session caches "
+                        "(kept coherent by invalidations; 0: no kernel caching; default 60)")
+    m.add_argument("--entry-timeout", type=float, default=60.0, metavar="S",
+                   help="at most S seconds the kernel caches names, also missing ones (default 60)")
     m.add_argument("--call-timeout", type=float, default=15.0, metavar="S",
                    help="a call fails with EIO when no master answers within S seconds")
     m.add_argument("--max-file-bytes", type=int, default=256 * 1024, metavar="N",

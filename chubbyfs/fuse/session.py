@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +132,8 @@ class FuseSession:
         self._notify_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._detached = False
+        self._batch_writers = 0  # notify_batch_soon writes in flight (not under the lock)
+        self._batches_idle = trio.Event()
         self._serving = False
         self._failure: FuseProtocolError | None = None
         self._counts = dict.fromkeys(
@@ -233,6 +235,56 @@ class FuseSession:
         return False instead of writing to a recycled descriptor number."""
         async with self._notify_lock:
             self._detached = True
+            while self._batch_writers:
+                self._batches_idle = trio.Event()
+                await self._batches_idle.wait()
+
+    def notify_batch_soon(self, notes: Sequence[Notification]) -> trio.Event:
+        """Queue `notes`, written in order from their own worker thread;
+        returns an event set once the kernel took them all (or they named
+        something it does not hold, or the connection is gone). Safe inside
+        any handler. Batches do not wait for each other (nor for `notify`):
+        one the kernel holds behind an inode lock delays no other."""
+        msgs = [encode_notify(note) for note in notes]  # fail here, in the caller
+        done = trio.Event()
+        if self._nursery is None or not msgs:
+            done.set()
+            return done
+
+        async def send() -> None:
+            try:
+                if self._detached:
+                    return
+                self._batch_writers += 1
+                try:
+                    outcomes = await trio.to_thread.run_sync(self._write_notify_many, msgs)
+                finally:
+                    self._batch_writers -= 1
+                    if not self._batch_writers:
+                        self._batches_idle.set()
+                for outcome in outcomes:
+                    if outcome == 0:
+                        self._counts["notifications_sent"] += 1
+                    elif outcome == errno.ENOENT:
+                        self._counts["notifications_unknown"] += 1
+                    elif outcome not in _GONE:
+                        log.error("notification rejected: %s", os.strerror(outcome))
+            finally:
+                done.set()
+
+        self._nursery.start_soon(send)
+        return done
+
+    async def notify_many(self, notes: Sequence[Notification], *, wait_s: float) -> bool:
+        """Send `notes` in order and wait up to `wait_s` for the kernel to take
+        them all. True if it did; on False they stay queued and go out as soon
+        as the kernel lets them (it may hold one behind an inode lock of a
+        request not answered yet), so a caller that must not wait forever can
+        go on without losing them."""
+        done = self.notify_batch_soon(notes)
+        with trio.move_on_after(wait_s):
+            await done.wait()
+        return done.is_set()
 
     def notify_soon(self, note: Notification) -> None:
         """Queue a notification without waiting (safe inside any handler)."""
@@ -305,6 +357,9 @@ class FuseSession:
                 self._reply(encode_error(exc.unique, exc.errno))
             return
         opcode = req.opcode
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s unique=%d nodeid=%d %s", abi.Opcode(opcode).name, req.unique, req.header.nodeid,
+                      req.body)
         if opcode == abi.Opcode.INIT:
             self._handle_init(req, nursery)
             return
@@ -439,6 +494,9 @@ class FuseSession:
         except OSError as exc:
             return exc.errno or errno.EIO
         return 0
+
+    def _write_notify_many(self, msgs: list[bytes]) -> list[int]:
+        return [self._write_notify(msg) for msg in msgs]
 
     def assert_invariants(self) -> None:
         self._table.assert_invariants()

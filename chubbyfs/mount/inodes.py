@@ -46,6 +46,10 @@ class InodeTable:
         self.cells = list(cells)
         self._cell_index = {cell: i + 1 for i, cell in enumerate(cells)}
         self._inodes: dict[int, Inode] = {ROOT_INO: Inode(ROOT_INO, "", "", True, 0, "root")}
+        # (cell, path) -> inos of real nodes at that path, and
+        # (cell, directory path) -> inos of its children: invalidations name paths.
+        self._by_path: dict[tuple[str, str], set[int]] = {}
+        self._children: dict[tuple[str, str], set[int]] = {}
         for cell in cells:
             base = self._cell_index[cell] << CELL_SHIFT | _VIRTUAL_BASE
             self._inodes[base] = Inode(base, cell, f"/ls/{cell}/{CONTROL_DIR}", True, 0, "control")
@@ -84,9 +88,26 @@ class InodeTable:
         inode = self._inodes.get(ino)
         if inode is None:
             inode = self._inodes[ino] = Inode(ino, cell, path, is_dir, instance)
-        else:
+            self._index(inode)
+        elif inode.path != path:
+            self._unindex(inode)
             inode.path = path
+            self._index(inode)
         return inode
+
+    def _index(self, inode: Inode) -> None:
+        self._by_path.setdefault((inode.cell, inode.path), set()).add(inode.ino)
+        parent = inode.path.rpartition("/")[0]
+        self._children.setdefault((inode.cell, parent), set()).add(inode.ino)
+
+    def _unindex(self, inode: Inode) -> None:
+        for index, key in ((self._by_path, (inode.cell, inode.path)),
+                           (self._children, (inode.cell, inode.path.rpartition("/")[0]))):
+            inos = index.get(key)
+            if inos is not None:
+                inos.discard(inode.ino)
+                if not inos:
+                    del index[key]
 
     def ref(self, ino: int, count: int = 1) -> None:
         """The kernel now holds `count` more lookup references."""
@@ -104,6 +125,7 @@ class InodeTable:
         inode = self._inodes.get(ino)
         if inode is not None and inode.nlookup == 0 and not inode.pinned:
             del self._inodes[ino]
+            self._unindex(inode)
 
     def moved(self, cell: str, old_path: str, new_path: str) -> None:
         """A rename: update the paths of the moved node and its subtree."""
@@ -111,16 +133,24 @@ class InodeTable:
         for inode in self._inodes.values():
             if inode.cell != cell or inode.pinned:
                 continue
-            if inode.path == old_path:
-                inode.path = new_path
-            elif inode.path.startswith(prefix):
+            if inode.path == old_path or inode.path.startswith(prefix):
+                self._unindex(inode)
                 inode.path = new_path + inode.path[len(old_path):]
+                self._index(inode)
 
     def by_path(self, cell: str, path: str) -> list[Inode]:
-        """Inodes the kernel may hold for `path` (O(table); used by invalidation)."""
+        """Inodes the kernel may hold for `path` (used by invalidation)."""
         if path == "":
             return [self._inodes[ROOT_INO]]
-        return [i for i in self._inodes.values() if i.cell == cell and i.path == path]
+        return [self._inodes[ino] for ino in self._by_path.get((cell, path), ())]
+
+    def children(self, cell: str, path: str) -> list[Inode]:
+        """Real nodes the table holds directly under the directory `path`."""
+        return [self._inodes[ino] for ino in self._children.get((cell, path), ())]
+
+    def of_cell(self, cell: str) -> list[Inode]:
+        """Every real node of `cell` the table holds."""
+        return [i for i in self._inodes.values() if i.cell == cell and i.virtual is None]
 
     def __len__(self) -> int:
         return len(self._inodes)
@@ -134,5 +164,9 @@ class InodeTable:
             if inode.virtual is None:
                 assert ino == self.ino_of(inode.cell, inode.instance)
                 assert inode.path.startswith(f"/ls/{inode.cell}"), inode.path
+                assert ino in self._by_path.get((inode.cell, inode.path), ()), inode.path
             elif inode.virtual != "root":
                 assert ino >> CELL_SHIFT == self._cell_index[inode.cell]
+        real = sum(1 for i in self._inodes.values() if i.virtual is None)
+        assert sum(len(inos) for inos in self._by_path.values()) == real, "stale path index"
+        assert sum(len(inos) for inos in self._children.values()) == real, "stale children index"

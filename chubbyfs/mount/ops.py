@@ -6,11 +6,16 @@ files describing the requesting user's session. Every request acts for the
 user who made it (one session per (cell, user), `sessions.py`); the cell
 enforces ACLs.
 
-Open files read and write whole contents (`files.py`) and are opened with
-FOPEN_DIRECT_IO, so the kernel keeps no pages: every `cat` reads what the
-cell holds now. Attribute and entry timeouts default to 0 until the client
-library delivers the master's invalidations; `on_invalidate` and `on_event`
-are the hooks that will receive them (see docs/mount.md).
+Open files read and write whole contents (`files.py`).
+
+The kernel's caches follow the session's consistent cache: attributes and
+names (also missing names) get long timeouts, and read-only opens keep their
+pages (FOPEN_KEEP_CACHE), only when what they show is what a session holds
+in its cache, because the master then invalidates that session before any
+change and `on_invalidate` drops the kernel's copy before the invalidation
+is acknowledged. Anything else is served with timeout 0 and FOPEN_DIRECT_IO.
+Jeopardy, expiry and fail-over flush the kernel's copies of the whole cell.
+Events on the open files' handles wake poll() sleepers (see docs/mount.md).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from dataclasses import dataclass, field
 import trio
 
 from chubbyfs.client.connection import CellConnection, CellError, CellUnavailableError
-from chubbyfs.client.session import Handle
+from chubbyfs.client.events import Event, EventKind
+from chubbyfs.client.session import ABSENT, Handle, SessionState
 from chubbyfs.fuse import abi
 from chubbyfs.fuse import requests as rq
 from chubbyfs.fuse.errors import FuseError
@@ -45,13 +51,14 @@ from chubbyfs.wire.cell_protocol import Stat
 from .errors import BadName, check_name, errno_for
 from .files import FileBuffer, NeedContents
 from .inodes import CONTROL_DIR, CONTROL_FILES, ROOT_INO, Inode, InodeTable
-from .sessions import SessionPool, UserSession
+from .sessions import FILE_EVENTS, SessionPool, UserSession
 
 log = logging.getLogger("chubbyfs.mount")
 
-EVENT_CONTENTS_MODIFIED = 1
-EVENT_HANDLE_INVALID = 16
-FILE_EVENTS = EVENT_CONTENTS_MODIFIED | EVENT_HANDLE_INVALID
+EVENT_CONTENTS_MODIFIED = int(EventKind.CONTENTS_MODIFIED)
+# Negative entries the kernel may cache, remembered so that they can be
+# expired; past this many, missing names get timeout 0.
+MAX_NEGATIVE_ENTRIES = 16384
 XATTR_PREFIX = "user.chubby."
 READONLY_XATTRS = ("instance", "content_gen", "lock_gen", "acl_gen", "checksum", "ephemeral")
 ACL_XATTRS = ("acl.read", "acl.write", "acl.change")
@@ -64,9 +71,14 @@ FILE_MODE = st.S_IFREG | 0o644
 
 @dataclass(frozen=True, slots=True)
 class MountConfig:
-    attr_timeout_s: float = 0.0
-    entry_timeout_s: float = 0.0
+    # Upper bounds of the kernel's cache lifetimes for what a session caches
+    # (0: no kernel caching at all, every request reaches the daemon).
+    attr_timeout_s: float = 60.0
+    entry_timeout_s: float = 60.0
     max_file_bytes: int = 256 * 1024
+    # How long an invalidation waits for the kernel to take its
+    # notifications before it is acknowledged anyway (they stay queued).
+    notify_wait_s: float = 1.0
 
 
 @dataclass(slots=True)
@@ -97,6 +109,8 @@ class OpenFile:
     poll_khs: set[int] = field(default_factory=set)
     events_pending: bool = False
     bound_sequencer: str | None = None
+    borrowed: bool = False  # `handle` is a shared read handle (sessions.ReadHandles)
+    keep_cache: bool = False  # opened FOPEN_KEEP_CACHE: reads fill the kernel's pages
 
 
 @dataclass(slots=True)
@@ -136,6 +150,16 @@ class ChubbyOperations(Operations):
         self._started_ns = time.time_ns()
         self._attr_ns = int(self.config.attr_timeout_s * 1e9)
         self._entry_ns = int(self.config.entry_timeout_s * 1e9)
+        self._paged: set[int] = set()  # inodes opened FOPEN_KEEP_CACHE (may have pages)
+        # Inodes whose pages may hold contents no session caches, until the
+        # queued invalidation is taken (no FOPEN_KEEP_CACHE meanwhile).
+        self._suspect: dict[int, trio.Event] = {}
+        self._negatives: dict[int, set[str]] = {}  # parent ino -> names cached as missing
+        self._negative_count = 0
+        # Directories in which a request of ours may hold the kernel's
+        # directory lock while it waits for the cell (create, unlink, ...).
+        self._busy_dirs: dict[int, int] = {}
+        pool.listener = self
 
     # ----------------------------------------------------------------- identity
 
@@ -179,14 +203,50 @@ class ChubbyOperations(Operations):
         return Attr(ino=inode.ino, mode=mode, nlink=2 if inode.is_dir else 1,
                     atime_ns=self._started_ns, mtime_ns=self._started_ns, ctime_ns=self._started_ns)
 
-    def _entry(self, inode: Inode, attr: Attr) -> EntryOut:
-        return EntryOut(inode.ino, attr, entry_valid_ns=self._entry_ns, attr_valid_ns=self._attr_ns)
+    def _virtual_entry(self, inode: Inode) -> EntryOut:
+        # Cells and control files never change shape: cache them for good.
+        return EntryOut(inode.ino, self._virtual_attr(inode), entry_valid_ns=self._entry_ns,
+                        attr_valid_ns=self._attr_ns)
 
-    def _node_entry(self, cell: str, stat: Stat) -> EntryOut:
+    def _lease_left_ns(self, us: UserSession) -> int:
+        left_s = us.session.core.local_lease_end_ms / 1000 - trio.current_time()
+        return max(0, int(left_s * 1e9))
+
+    def _ttls(self, us: UserSession | None, stat: Stat) -> tuple[int, int]:
+        """(entry, attr) lifetimes for `stat` as `us` served it: long only if
+        the session's cache holds exactly this stat (the master invalidates
+        it before any change), and never past the session's local lease, so
+        even a frozen daemon's kernel copies end with its lease."""
+        if us is None or not (self._entry_ns or self._attr_ns):
+            return 0, 0
+        if us.session.lookup_cached(stat.path) != stat:
+            return 0, 0
+        lease_ns = self._lease_left_ns(us)
+        return min(self._entry_ns, lease_ns), min(self._attr_ns, lease_ns)
+
+    def _attr_out(self, us: UserSession | None, ino: int, stat: Stat, size: int | None = None) -> AttrOut:
+        ttl = self._ttls(us, stat)[1] if size is None else 0
+        return AttrOut(self._attr(ino, stat, size), attr_valid_ns=ttl)
+
+    def _node_entry(self, cell: str, stat: Stat, us: UserSession | None) -> EntryOut:
         """An entry for the kernel: takes one lookup reference."""
         inode = self.inodes.node(cell, stat.instance, stat.path, stat.is_directory)
         self.inodes.ref(inode.ino)
-        return self._entry(inode, self._attr(inode.ino, stat))
+        entry_ns, attr_ns = self._ttls(us, stat)
+        return EntryOut(inode.ino, self._attr(inode.ino, stat), entry_valid_ns=entry_ns, attr_valid_ns=attr_ns)
+
+    def _negative_entry(self, us: UserSession, parent: Inode, name: str) -> EntryOut | None:
+        """A cacheable "no such name" if the session knows the name is missing
+        (its cached listing of the parent lacks it)."""
+        if (not self._entry_ns or self._negative_count >= MAX_NEGATIVE_ENTRIES
+                or us.session.lookup_cached(f"{parent.path}/{name}") is not ABSENT):
+            return None
+        names = self._negatives.setdefault(parent.ino, set())
+        if name not in names:
+            names.add(name)
+            self._negative_count += 1
+        ttl = min(self._entry_ns, self._lease_left_ns(us))
+        return EntryOut(0, Attr(ino=0, mode=0), entry_valid_ns=ttl, attr_valid_ns=0)
 
     async def _child_stat(self, us: UserSession, parent: Inode, name: str) -> Stat:
         path = f"{parent.path}/{name}"
@@ -223,28 +283,37 @@ class ChubbyOperations(Operations):
             if known is not None and (us is None or us.expired):
                 # Cell roots are never deleted: walking into a cell needs no
                 # session, so .chubby/state can still say "expired".
-                return self._node_entry(cell, known)
+                return self._node_entry(cell, known, None)
             us = await self.user_session(ctx, cell)
             with cell_errors(f"lookup cell {cell}"):
                 stat = await us.reads.stat(f"/ls/{cell}")
             self._cell_roots[cell] = stat
-            return self._node_entry(cell, stat)
+            return self._node_entry(cell, stat, us)
         if parent.virtual == "control":
             inode = self.inodes.control_file(parent.cell, req.name.decode("utf-8", "replace"))
             if inode is None:
                 raise FuseError(errno.ENOENT)
-            return self._entry(inode, self._virtual_attr(inode))
+            return self._virtual_entry(inode)
         with cell_errors("lookup"):
             name = check_name(req.name)
         if name == CONTROL_DIR and self._is_cell_root(parent):
-            inode = self.inodes.control_dir(parent.cell)
-            return self._entry(inode, self._virtual_attr(inode))
+            return self._virtual_entry(self.inodes.control_dir(parent.cell))
         us = await self.user_session(ctx, parent.cell)
-        stat = await self._child_stat(us, parent, name)
-        return self._node_entry(parent.cell, stat)
+        try:
+            stat = await self._child_stat(us, parent, name)
+        except FuseError as exc:
+            negative = self._negative_entry(us, parent, name) if exc.errno == errno.ENOENT else None
+            if negative is None:
+                raise
+            return negative
+        return self._node_entry(parent.cell, stat, us)
 
     async def forget(self, ctx: RequestContext, req: rq.Forget) -> None:
         self.inodes.forget(req.nodeid, req.nlookup)
+        if self.inodes.get(req.nodeid) is None:
+            # The kernel evicted the inode, and its pages and children with it.
+            self._paged.discard(req.nodeid)
+            self._negative_count -= len(self._negatives.pop(req.nodeid, ()))
 
     async def getattr(self, ctx: RequestContext, req: rq.GetAttr) -> AttrOut:
         inode = self.inode(req.nodeid)
@@ -256,12 +325,13 @@ class ChubbyOperations(Operations):
             with cell_errors(f"getattr {f.path}"):
                 stat = await f.handle.get_stat()
             size = f.buffer.size() if f.buffer is not None and f.buffer.dirty else None
-            return AttrOut(self._attr(inode.ino, stat, size), attr_valid_ns=self._attr_ns)
-        stat = await self._stat_inode(ctx, inode)
-        return AttrOut(self._attr(inode.ino, stat), attr_valid_ns=self._attr_ns)
-
-    async def _stat_inode(self, ctx: RequestContext, inode: Inode) -> Stat:
+            return self._attr_out(f.us, inode.ino, stat, size)
         us = await self.user_session(ctx, inode.cell)
+        stat = await self._stat_inode(ctx, inode, us)
+        return self._attr_out(us, inode.ino, stat)
+
+    async def _stat_inode(self, ctx: RequestContext, inode: Inode, us: UserSession | None = None) -> Stat:
+        us = us or await self.user_session(ctx, inode.cell)
         with cell_errors(f"stat {inode.path}"):
             try:
                 stat = await us.reads.stat(inode.path)
@@ -295,9 +365,9 @@ class ChubbyOperations(Operations):
                 raise FuseError(errno.EFBIG)
             if f is not None:
                 await self._truncate_open_file(f, req.size)
-                return AttrOut(self._attr(inode.ino, current, req.size), attr_valid_ns=self._attr_ns)
+                return AttrOut(self._attr(inode.ino, current, req.size))
             current = await self._truncate_path(ctx, inode, req.size)
-        return AttrOut(self._attr(inode.ino, current), attr_valid_ns=self._attr_ns)
+        return AttrOut(self._attr(inode.ino, current))
 
     def _check_metadata_change(self, req: rq.SetAttr, current: Stat) -> None:
         """Modes, owners and times are not stored in Chubby: a request that
@@ -333,6 +403,20 @@ class ChubbyOperations(Operations):
                 new = contents[:size].ljust(size, b"\0")
                 return await h.set_contents(new, expected_generation=stat.content_generation)
 
+    @contextlib.contextmanager
+    def _changing(self, directory: Inode) -> Iterator[None]:
+        """Around a request that changes `directory`: the kernel holds the
+        directory's lock until we answer, and our answer may wait for the
+        cell, which may wait for this daemon's acknowledgement of an
+        invalidation: entry invalidations in it must not be waited for."""
+        self._busy_dirs[directory.ino] = self._busy_dirs.get(directory.ino, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._busy_dirs.pop(directory.ino) - 1
+            if left:
+                self._busy_dirs[directory.ino] = left
+
     def _new_child_path(self, parent: Inode, raw_name: bytes) -> tuple[str, str]:
         if parent.virtual is not None:
             raise FuseError(errno.EPERM, "cells and control files are fixed")
@@ -348,17 +432,17 @@ class ChubbyOperations(Operations):
         if req.mode & st.S_ISVTX:
             raise FuseError(errno.EPERM, "ephemeral directories need a held handle; create files instead")
         us = await self.user_session(ctx, parent.cell)
-        with cell_errors(f"mkdir {path}"):
+        with self._changing(parent), cell_errors(f"mkdir {path}"):
             async with await us.session.open(path, read=False, write=True, create="directory",
                                              exclusive=True) as h:
                 stat = h.stat
-        return self._node_entry(parent.cell, stat)
+        return self._node_entry(parent.cell, stat, us)
 
     async def create(self, ctx: RequestContext, req: rq.Create) -> CreateOut:
         parent = self.inode(req.nodeid)
         _, path = self._new_child_path(parent, req.name)
         us = await self.user_session(ctx, parent.cell)
-        with cell_errors(f"create {path}"):
+        with self._changing(parent), cell_errors(f"create {path}"):
             h = await us.session.open(
                 path, read=True, write=True, create="file",
                 exclusive=bool(req.flags & os.O_EXCL), ephemeral=bool(req.mode & st.S_ISVTX),
@@ -366,7 +450,8 @@ class ChubbyOperations(Operations):
         if h.stat.is_directory:
             await self._close_handle(h)
             raise FuseError(errno.EISDIR)
-        entry = self._node_entry(parent.cell, h.stat)
+        us.watch(h)
+        entry = self._node_entry(parent.cell, h.stat, us)
         f = self._open_file(ctx, entry.nodeid, parent.cell, path, us, h, req.flags)
         assert f.buffer is not None
         if h.created:
@@ -379,7 +464,7 @@ class ChubbyOperations(Operations):
         parent = self.inode(parent_ino)
         _, path = self._new_child_path(parent, raw_name)
         us = await self.user_session(ctx, parent.cell)
-        with cell_errors(f"remove {path}"):
+        with self._changing(parent), cell_errors(f"remove {path}"):
             async with await us.session.open(path, read=False, write=True) as h:
                 if h.stat.is_directory != directory:
                     raise FuseError(errno.ENOTDIR if directory else errno.EISDIR)
@@ -392,10 +477,10 @@ class ChubbyOperations(Operations):
     async def rmdir(self, ctx: RequestContext, req: rq.Rmdir) -> None:
         await self._remove(ctx, req.nodeid, req.name, directory=True)
 
-    def _forget_path(self, cell: str, path: str) -> None:
+    def _forget_path(self, cell: str, path: str, *, subtree: bool = True) -> None:
         for us in self.pool.all():
             if us.cell == cell:
-                us.reads.drop(path, subtree=True)
+                us.reads.drop(path, subtree=subtree)
 
     async def rename(self, ctx: RequestContext, req: rq.Rename) -> None:
         await self._rename(ctx, req.nodeid, req.name, req.newdir, req.newname, 0)
@@ -416,7 +501,7 @@ class ChubbyOperations(Operations):
         _, src = self._new_child_path(parent, name)
         _, dst = self._new_child_path(parent, newname)
         us = await self.user_session(ctx, parent.cell)
-        with cell_errors(f"rename {src} {dst}"):
+        with self._changing(parent), cell_errors(f"rename {src} {dst}"):
             if flags & RENAME_NOREPLACE:
                 # Not atomic with the rename: a racing create can still be replaced.
                 listing = await us.reads.list(parent.path)
@@ -478,12 +563,27 @@ class ChubbyOperations(Operations):
             f.control_data = (await self._control_text(ctx, inode)).encode()
             return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
         us = await self.user_session(ctx, inode.cell)
+        if acc == os.O_RDONLY:
+            # Readers share the session's read handle on the path: opening a
+            # file already walked to costs no round trip.
+            with cell_errors(f"open {inode.path}"):
+                h = await us.reads.borrow(inode.path)
+            if h.stat.is_directory:
+                us.reads.give_back(h)
+                raise FuseError(errno.EISDIR)
+            f = self._open_file(ctx, inode.ino, inode.cell, inode.path, us, h, req.flags)
+            f.borrowed = True
+            if (self._attr_ns and self._pages_trusted(inode.ino)
+                    and self._cached_generation(us, inode.path, h.instance) is not None):
+                f.keep_cache = True
+                self._paged.add(inode.ino)
+                return OpenOut(f.fh, abi.FOPEN_KEEP_CACHE)
+            return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
         with cell_errors(f"open {inode.path}"):
             try:
                 # Writers read too: appends and edits in place start from the
                 # current contents.
-                h = await us.session.open(inode.path, read=True, write=acc != os.O_RDONLY,
-                                          events=FILE_EVENTS)
+                h = await us.session.open(inode.path, read=True, write=True, events=FILE_EVENTS)
             except CellError as exc:
                 if exc.code != "permission_denied" or acc != os.O_WRONLY:
                     raise
@@ -492,6 +592,7 @@ class ChubbyOperations(Operations):
         if h.stat.is_directory:
             await self._close_handle(h)
             raise FuseError(errno.EISDIR)
+        us.watch(h)
         f = self._open_file(ctx, inode.ino, inode.cell, inode.path, us, h, req.flags)
         if req.flags & os.O_TRUNC and f.writable:
             # ATOMIC_O_TRUNC: the truncation is part of the buffer, committed
@@ -499,6 +600,14 @@ class ChubbyOperations(Operations):
             assert f.buffer is not None
             f.buffer.truncate(0)
         return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
+
+    def _cached_generation(self, us: UserSession, path: str, instance: int) -> int | None:
+        """The content generation of `path` the session caches (so the master
+        will invalidate it before any change), if it is node `instance`."""
+        stat = us.session.lookup_cached(path)
+        if isinstance(stat, Stat) and stat.instance == instance:
+            return stat.content_generation
+        return None
 
     def _file(self, fh: int) -> OpenFile:
         f = self.files.get(fh)
@@ -527,10 +636,33 @@ class ChubbyOperations(Operations):
             f.buffer.forget_snapshot()
             f.events_pending = False
         try:
-            return f.buffer.read(req.offset, req.size)
+            data = f.buffer.read(req.offset, req.size)
         except NeedContents:
             await self._fetch(f)
-            return f.buffer.read(req.offset, req.size)
+            data = f.buffer.read(req.offset, req.size)
+        if f.keep_cache and (f.buffer.dirty or f.buffer.base_generation != self._cached_generation(
+                f.us, f.path, f.handle.instance)):
+            # These bytes go into the kernel's pages but no session caches
+            # them (an invalidation came since): drop them once served.
+            self._suspect_pages(f.ino)
+        return data
+
+    def _pages_trusted(self, ino: int) -> bool:
+        pending = self._suspect.get(ino)
+        if pending is None:
+            return True
+        if pending.is_set():
+            del self._suspect[ino]
+            return True
+        return False
+
+    def _suspect_pages(self, ino: int) -> None:
+        if self.session is None or self.session.closed:
+            return
+        pending = self._suspect.get(ino)
+        if pending is not None and not pending.is_set():
+            return
+        self._suspect[ino] = self.session.notify_batch_soon([NotifyInvalInode(ino, 0, 0)])
 
     async def write(self, ctx: RequestContext, req: rq.Write) -> int:
         f = self._file(req.fh)
@@ -599,7 +731,10 @@ class ChubbyOperations(Operations):
             for slot in f.locks.values():
                 await self._drop_slot(slot)
             f.locks.clear()
-            if f.handle is not None:
+            if f.handle is not None and f.borrowed:
+                assert f.us is not None
+                f.us.reads.give_back(f.handle)
+            elif f.handle is not None:
                 await self._close_handle(f.handle)
 
     async def _close_handle(self, handle: Handle) -> None:
@@ -662,6 +797,7 @@ class ChubbyOperations(Operations):
         if d.listing is None or req.offset == 0:
             d.listing = await self._listing(ctx, d)
         cell = self.inode(d.ino).cell
+        us = self.pool.peek(cell, self.principal(ctx.uid)) if cell else None
         for index in range(req.offset, len(d.listing)):
             name, ino, mode, stat = d.listing[index]
             if stat is None:
@@ -671,7 +807,9 @@ class ChubbyOperations(Operations):
                     break
                 continue
             inode = self.inodes.node(cell, stat.instance, stat.path, stat.is_directory)
-            entry = self._entry(inode, self._attr(inode.ino, stat))
+            entry_ns, attr_ns = self._ttls(us, stat)
+            entry = EntryOut(inode.ino, self._attr(inode.ino, stat), entry_valid_ns=entry_ns,
+                             attr_valid_ns=attr_ns)
             if not out.add(DirEntryPlus(entry, name, index + 1)):
                 self.inodes.drop_unreferenced(inode.ino)
                 break
@@ -795,8 +933,14 @@ class ChubbyOperations(Operations):
         if not targets:
             raise FuseError(errno.EBADF, "no file of this node is open in the calling process or its parents")
         for f in targets:
-            assert f.handle is not None
+            assert f.handle is not None and f.us is not None
             with cell_errors(f"bind sequencer on {f.path}"):
+                if f.borrowed:
+                    # A binding belongs to this open file, not to the shared read handle.
+                    own = await f.us.session.open(f.path, read=True, events=FILE_EVENTS)
+                    f.us.watch(own)
+                    f.us.reads.give_back(f.handle)
+                    f.handle, f.borrowed = own, False
                 await f.handle.set_sequencer(sequencer)
             f.bound_sequencer = sequencer
 
@@ -914,39 +1058,107 @@ class ChubbyOperations(Operations):
         if f.us is not None and f.us.expired:
             revents |= select.POLLERR
         if f.events_pending:
+            # Reported once per change: a file read through the kernel's
+            # pages sends no READ that could say it was read again.
+            f.events_pending = False
             revents |= select.POLLIN
         elif req.schedule_notify:
             f.poll_khs.add(req.kh)
         return revents & (req.events | select.POLLERR | select.POLLHUP)
 
-    def _notify(self, note: NotifyPoll | NotifyInvalInode | NotifyInvalEntry) -> None:
-        if self.session is not None and not self.session.closed:
-            try:
-                self.session.notify_soon(note)
-            except RuntimeError:
-                pass  # the session stopped serving between the check and the call
+    def _wake(self, files: list[OpenFile]) -> None:
+        """Mark `files` changed and wake their poll() sleepers."""
+        notes: list[NotifyPoll] = []
+        for f in files:
+            f.events_pending = True
+            notes.extend(NotifyPoll(kh) for kh in f.poll_khs)
+            f.poll_khs = set()
+        if notes and self.session is not None and not self.session.closed:
+            self.session.notify_batch_soon(notes)
 
     def on_event(self, cell: str, path: str, kind: int) -> None:
-        """An event for `path` (from the master, or a commit through this
-        mount): files open on it become readable for poll(), sleepers wake."""
-        for f in self.files.values():
-            if f.cell == cell and f.path == path and f.handle is not None:
-                f.events_pending = True
-                khs, f.poll_khs = f.poll_khs, set()
-                for kh in khs:
-                    self._notify(NotifyPoll(kh))
+        """A change of `path` made through this mount: files open on it
+        become readable for poll(), sleepers wake."""
+        self._wake([f for f in self.files.values()
+                    if f.cell == cell and f.path == path and f.handle is not None])
 
-    def on_invalidate(self, cell: str, path: str) -> None:
-        """The master invalidated `path`: drop the kernel's attributes, pages
-        and the entry naming it (queued; never blocks a request)."""
+    def on_handle_event(self, handle: Handle, event: Event) -> None:
+        """The master's event for `handle` (contents modified, node deleted,
+        or a fail-over after which events may have been lost)."""
+        self._wake([f for f in self.files.values() if f.handle is handle])
+
+    async def on_session_state(self, us: UserSession, state: SessionState) -> None:
+        """Jeopardy or expiry: the session's cache is gone, and so must be the
+        kernel's copies of it; at expiry, pollers of its files get POLLERR."""
+        if state in (SessionState.JEOPARDY, SessionState.EXPIRED):
+            await self.on_flush(us.cell)
+        if state == SessionState.EXPIRED:
+            self._wake([f for f in self.files.values() if f.us is us])
+
+    @property
+    def _expire_only(self) -> bool:
+        negotiated = self.session.negotiated if self.session is not None else None
+        # An offer, not a negotiated feature: the kernel accepts the flag if it has it.
+        return negotiated is not None and bool(negotiated.kernel_flags & abi.InitFlag.HAS_EXPIRE_ONLY)
+
+    def _inode_note(self, inode: Inode) -> NotifyInvalInode:
+        # Pages only where there may be some: a page invalidation waits for
+        # reads in flight, attributes never wait.
+        return NotifyInvalInode(inode.ino, 0 if inode.ino in self._paged else -1, 0)
+
+    async def _deliver(self, inodes: list[Inode], entries: list[tuple[int, str]], why: str) -> None:
+        """Drop the kernel's attributes and pages of `inodes` and its entries
+        (parent ino, name), waiting (bounded) until the kernel took them.
+
+        An entry invalidation takes the kernel's lock of its directory. In a
+        directory where a request of ours is being served (a create that may
+        itself wait for this acknowledgement) it is queued, not waited for:
+        it goes out as soon as that request is answered, and that request's
+        own answer updates the kernel's entry. Entries are only marked
+        expired (FUSE_EXPIRE_ONLY, if the kernel has it): the next lookup
+        asks us, and a directory's cached subtree survives."""
+        if self.session is None or self.session.closed:
+            return
+        notes: list[NotifyInvalInode | NotifyInvalEntry] = [self._inode_note(i) for i in inodes]
+        queued: list[NotifyInvalEntry] = []
+        for parent, name in entries:
+            self._negative_count -= int(name in self._negatives.get(parent, ()))
+            self._negatives.get(parent, set()).discard(name)
+            note = NotifyInvalEntry(parent, name.encode(), self._expire_only)
+            (queued if parent in self._busy_dirs else notes).append(note)
+        if queued:
+            self.session.notify_batch_soon(queued)
+        if not await self.session.notify_many(notes, wait_s=self.config.notify_wait_s):
+            log.warning("%s: the kernel did not take %d invalidations within %.1f s; acknowledging anyway",
+                        why, len(notes), self.config.notify_wait_s)
+
+    async def on_invalidate(self, cell: str, path: str) -> None:
+        """The master invalidated `path` in a session's cache: drop the
+        kernel's attributes and pages of the node, its entry, and (a
+        directory's listing changed) its children's attributes, pages and
+        entries, including missing names; awaited before the acknowledgement."""
+        self._forget_path(cell, path, subtree=False)
         parent_path, _, name = path.rpartition("/")
-        for us in self.pool.all():
-            if us.cell == cell:
-                us.reads.drop(path)
-        for inode in self.inodes.by_path(cell, path):
-            self._notify(NotifyInvalInode(inode.ino, 0, 0))
-        for parent in self.inodes.by_path(cell, parent_path):
-            self._notify(NotifyInvalEntry(parent.ino, name.encode()))
+        nodes = self.inodes.by_path(cell, path)
+        inodes = list(nodes)
+        entries = [(parent.ino, name) for parent in self.inodes.by_path(cell, parent_path)]
+        if nodes:
+            children = self.inodes.children(cell, path)
+            inodes.extend(children)
+            for directory in nodes:
+                entries.extend((directory.ino, child.path.rpartition("/")[2]) for child in children)
+                entries.extend((directory.ino, missing) for missing in self._negatives.get(directory.ino, ()))
+        await self._deliver(inodes, entries, f"invalidate {path}")
+
+    async def on_flush(self, cell: str) -> None:
+        """A session's whole cache was dropped: drop every kernel copy of the cell."""
+        inodes = self.inodes.of_cell(cell)
+        entries: list[tuple[int, str]] = []
+        for inode in inodes:
+            parent_path, _, name = inode.path.rpartition("/")
+            entries.extend((parent.ino, name) for parent in self.inodes.by_path(cell, parent_path))
+            entries.extend((inode.ino, missing) for missing in self._negatives.get(inode.ino, ()))
+        await self._deliver(inodes, entries, f"flush cell {cell}")
 
     # ---------------------------------------------------------------- control
 

@@ -10,47 +10,110 @@ everything opened through it stays dead (ESTALE).
 (lookups list the parent directory, getattr stats the node), so walking a
 path costs reads served by the master, not Open/Close log writes. A cached
 handle follows its node: if the node was renamed or deleted, the handle is
-dropped and the path opened again.
+dropped and the path opened again. Read-only opens borrow these handles too
+(an open of a cached file then costs no round trip); a borrowed handle is
+closed only once its last borrower gives it back.
+
+The pool wires each session to a `SessionListener` (the FUSE operations):
+the library's invalidations and cache flushes, each handle's events, and
+the session's state changes (jeopardy, expiry), so that the kernel's caches
+follow the session's consistent cache and poll() sleepers wake.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import trio
 
 from chubbyfs.client.connection import CellError
-from chubbyfs.client.session import DirEntry, Handle, Session, open_session
+from chubbyfs.client.events import Event, EventKind
+from chubbyfs.client.session import DirEntry, Handle, Session, SessionState, open_session
 from chubbyfs.wire.cell_protocol import Stat
 
 log = logging.getLogger("chubbyfs.mount")
 
 _RETRY_CODES = {"stale_handle", "bad_handle"}
+# What open files (and the read handles they borrow) subscribe to: poll()
+# wakes on a change of contents or the node's deletion.
+FILE_EVENTS = EventKind.CONTENTS_MODIFIED | EventKind.HANDLE_INVALID
+
+
+class SessionListener(Protocol):
+    async def on_invalidate(self, cell: str, path: str) -> None:
+        """Awaited before the session acknowledges the invalidation."""
+
+    async def on_flush(self, cell: str) -> None:
+        """The session's whole cache was dropped (fail-over, jeopardy, expiry)."""
+
+    def on_handle_event(self, handle: Handle, event: Event) -> None:
+        """An event delivered to `handle` (a node it is open on changed)."""
+
+    async def on_session_state(self, us: UserSession, state: SessionState) -> None:
+        """The session went to `state` (after its cache was dropped)."""
 
 
 class ReadHandles:
-    def __init__(self, session: Session, nursery: trio.Nursery, capacity: int = 128) -> None:
+    def __init__(self, session: Session, nursery: trio.Nursery, capacity: int = 128, *,
+                 events: int = 0, watch: Callable[[Handle], None] | None = None) -> None:
         self.session = session
         self._nursery = nursery
         self.capacity = capacity
+        self._events = events
+        self._watch = watch
         self._handles: OrderedDict[str, Handle] = OrderedDict()
+        self._borrowers: dict[int, int] = {}  # handle id -> open files using it
+        self._retired: set[int] = set()  # borrowed handles to close at their last give-back
 
     async def _get(self, path: str) -> Handle:
         handle = self._handles.get(path)
         if handle is not None:
             self._handles.move_to_end(path)
             return handle
-        handle = await self.session.open(path, read=True)
+        handle = await self.session.open(path, read=True, events=self._events)
         if path in self._handles:  # another task opened it meanwhile
             await self._close(handle)
             return self._handles[path]
         self._handles[path] = handle
+        if self._watch is not None:
+            self._watch(handle)
         while len(self._handles) > self.capacity:
             _, old = self._handles.popitem(last=False)
-            self._nursery.start_soon(self._close, old)
+            self._retire(old)
         return handle
+
+    def _retire(self, handle: Handle) -> None:
+        """Close a handle no longer cached, once nobody borrows it."""
+        if self._borrowers.get(handle.id):
+            self._retired.add(handle.id)
+        else:
+            self._nursery.start_soon(self._close, handle)
+
+    async def borrow(self, path: str) -> Handle:
+        """A read handle on `path` for an open file; give it back at release."""
+        handle = await self._get(path)
+        self._borrowers[handle.id] = self._borrowers.get(handle.id, 0) + 1
+        return handle
+
+    def give_back(self, handle: Handle) -> None:
+        left = self._borrowers.get(handle.id, 0) - 1
+        if left > 0:
+            self._borrowers[handle.id] = left
+            return
+        self._borrowers.pop(handle.id, None)
+        if handle.id in self._retired:
+            self._retired.discard(handle.id)
+            self._nursery.start_soon(self._close, handle)
+        elif handle.stat.ephemeral:
+            self._forget(handle.path, handle)
+
+    @property
+    def borrowed(self) -> int:
+        return sum(self._borrowers.values())
 
     async def _close(self, handle: Handle) -> None:
         with trio.CancelScope(shield=True):
@@ -63,7 +126,7 @@ class ReadHandles:
         """Forget cached handles on `path` (and below), closing them in the background."""
         doomed = [p for p in self._handles if p == path or (subtree and p.startswith(path + "/"))]
         for p in doomed:
-            self._nursery.start_soon(self._close, self._handles.pop(p))
+            self._retire(self._handles.pop(p))
 
     async def _with_retry(self, path: str, op: Any) -> Any:
         for attempt in (0, 1):
@@ -84,7 +147,7 @@ class ReadHandles:
     def _forget(self, path: str, handle: Handle) -> None:
         if self._handles.get(path) is handle:
             del self._handles[path]
-        self._nursery.start_soon(self._close, handle)
+        self._retire(handle)
 
     def _release_if_ephemeral(self, path: str, handle: Handle, stat: Stat) -> None:
         # An ephemeral node lives while some handle is open: a cached read
@@ -117,13 +180,26 @@ class ReadHandles:
 class UserSession:
     """A session and its read handles, for one principal in one cell."""
 
-    def __init__(self, cell: str, principal: str, session: Session, nursery: trio.Nursery) -> None:
+    def __init__(self, cell: str, principal: str, session: Session, nursery: trio.Nursery,
+                 listener: SessionListener | None = None) -> None:
         self.cell = cell
         self.principal = principal
         self.session = session
-        self.reads = ReadHandles(session, nursery)
+        self.listener = listener
+        self._nursery = nursery
+        self.reads = ReadHandles(session, nursery, events=FILE_EVENTS, watch=self.watch)
         self.stop = trio.Event()
         self.done = trio.Event()
+
+    def watch(self, handle: Handle) -> None:
+        """Hand `handle`'s events to the listener until the handle closes."""
+        if self.listener is not None:
+            self._nursery.start_soon(self._follow, handle)
+
+    async def _follow(self, handle: Handle) -> None:
+        assert self.listener is not None
+        async for event in handle.events():
+            self.listener.on_handle_event(handle, event)
 
     @property
     def expired(self) -> bool:
@@ -142,6 +218,7 @@ class SessionPool:
         self._sessions: dict[tuple[str, str], UserSession] = {}
         self._locks: dict[tuple[str, str], trio.Lock] = {}
         self._closing = False
+        self.listener: SessionListener | None = None  # set by the operations
 
     def peek(self, cell: str, principal: str) -> UserSession | None:
         return self._sessions.get((cell, principal))
@@ -176,7 +253,13 @@ class SessionPool:
             async with open_session(cell, addresses=self.cells[cell], principal=principal,
                                     call_timeout_s=self.call_timeout_s) as session:
                 async with trio.open_nursery() as handles_nursery:
-                    us = UserSession(cell, principal, session, handles_nursery)
+                    us = UserSession(cell, principal, session, handles_nursery, self.listener)
+                    if self.listener is not None:
+                        session.on_invalidate = functools.partial(self.listener.on_invalidate, cell)
+                        session.on_flush = functools.partial(self.listener.on_flush, cell)
+                        # In the pool's nursery: it must see the expiry that
+                        # ends this block.
+                        self._nursery.start_soon(self._follow_state, us, self.listener)
                     log.info("session %d for %s in cell %s", session.id, principal, cell)
                     task_status.started(us)
                     while not session.expired:
@@ -190,6 +273,10 @@ class SessionPool:
         finally:
             if us is not None:
                 us.done.set()
+
+    async def _follow_state(self, us: UserSession, listener: SessionListener) -> None:
+        async for change in us.session.state_changes():
+            await listener.on_session_state(us, change.state)
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """End every session (their locks are released at once); give up

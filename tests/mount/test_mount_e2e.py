@@ -293,29 +293,6 @@ def test_control_files(mounts: Setup) -> None:
     assert os.listdir(mounts.m1.path) == [CELL]
 
 
-def test_poll_wakes_when_the_file_changes(mounts: Setup) -> None:
-    d, _ = fresh_dir(mounts)
-    sh("echo one > f", d)
-    watcher = subprocess.Popen([PY, "-c", (
-        "import select, os, time\n"
-        "fd = os.open('f', os.O_RDONLY)\n"
-        "os.pread(fd, 100, 0)\n"
-        "p = select.poll(); p.register(fd, select.POLLIN)\n"
-        "print('idle', p.poll(0), flush=True)\n"
-        "t = time.monotonic(); ev = p.poll(10000)\n"
-        "print('woke', ev != [], round(time.monotonic() - t, 1), os.pread(fd, 100, 0), flush=True)\n")],
-        cwd=d, stdout=subprocess.PIPE, text=True)
-    try:
-        assert watcher.stdout.readline().startswith("idle []")
-        time.sleep(0.5)
-        sh("echo two > f", d)
-        line = watcher.stdout.readline().split()
-        assert line[:2] == ["woke", "True"] and float(line[2]) < 5 and line[3] == "b'two\\n'"
-    finally:
-        watcher.kill()
-        watcher.wait()
-
-
 def test_ephemeral_file_lives_as_long_as_it_is_open(mounts: Setup) -> None:
     d, d2 = fresh_dir(mounts)
     fd = os.open(d / "member", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o1644)
