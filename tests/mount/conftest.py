@@ -111,3 +111,18 @@ def mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         for m in started:
             stop_mount(m)
         cell.stop_all()
+
+
+@pytest.fixture
+def cell(tmp_path: pathlib.Path):
+    def make(**options: object) -> LocalCell:
+        (tmp_path / "cell").mkdir()
+        c = LocalCell(tmp_path / "cell", 3, state_machine="chubby", name=CELL, **options)
+        made.append(c)
+        c.start_all()
+        wait_for_cell(c.cells_path)
+        return c
+    made: list[LocalCell] = []
+    yield make
+    for c in made:
+        c.stop_all()

@@ -13,26 +13,10 @@ import time
 import pytest
 
 from chubbyfs.fuse.mount import is_mounted
-from chubbyfs.testing.localcell import LocalCell
 
-from .conftest import CELL, PY, REPO, needs_fuse, start_mount, stop_mount, wait_for_cell
+from .conftest import CELL, PY, REPO, needs_fuse, start_mount, stop_mount
 
 pytestmark = needs_fuse
-
-
-@pytest.fixture
-def cell(tmp_path: pathlib.Path):
-    def make(**options: object) -> LocalCell:
-        (tmp_path / "cell").mkdir()
-        c = LocalCell(tmp_path / "cell", 3, state_machine="chubby", name=CELL, **options)
-        made.append(c)
-        c.start_all()
-        wait_for_cell(c.cells_path)
-        return c
-    made: list[LocalCell] = []
-    yield make
-    for c in made:
-        c.stop_all()
 
 
 def _processes_mentioning(text: str) -> list[int]:

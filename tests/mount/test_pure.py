@@ -214,3 +214,33 @@ def test_buffer_matches_a_plain_bytearray(ops, initial) -> None:
             model.extend(b"\0" * (offset - len(model)))
         b.assert_invariants()
     assert b.read(0, 1 << 20) == bytes(model)
+
+
+def test_limit_exceeded_is_emfile_only_for_handles_by_the_cell_s_own_messages() -> None:
+    # The cell's error names no limit, only a message: check the mapping
+    # against the messages the state machine really produces, so a reworded
+    # message fails here rather than silently changing the errno.
+    from chubbyfs.cell.commands import Acquire, CreateMode, CreateSession, ErrorCode
+    from chubbyfs.locks import LockMode
+
+    from tests.cell.harness import Harness, p
+
+    def errno_of(h: Harness, cmd: object) -> int:
+        result = h.err(cmd, ErrorCode.LIMIT_EXCEEDED).result
+        return errno_for(result.code.name.lower(), result.message)
+
+    h = Harness(limits={"max_children_per_directory": 2, "max_handles_per_session": 3,
+                        "max_waiters_per_lock": 1, "max_sessions": 3})
+    sid = h.session()
+    mine = h.open(sid, p("a"), create=CreateMode.FILE).handle  # the root already holds `acl`
+    assert errno_of(h, h.open_cmd(sid, p("b"), create=CreateMode.FILE)) == errno.ENOSPC  # children
+    h.open(sid, p("a"))
+    h.open(sid, p("a"))
+    assert errno_of(h, h.open_cmd(sid, p("a"))) == errno.EMFILE  # handles
+    others = [h.session(), h.session()]
+    refs = [h.open(s, p("a")).handle for s in others]
+    h.ok(h.call(Acquire, others[0], refs[0], mode=LockMode.EXCLUSIVE))
+    h.ok(h.call(Acquire, others[1], refs[1], mode=LockMode.EXCLUSIVE))  # the one waiter
+    assert errno_of(h, h.call(Acquire, sid, mine, mode=LockMode.EXCLUSIVE)) == errno.ENOSPC  # waiters
+    create = CreateSession(now_ms=h.now_ms, session_id=99, lease_end_ms=h.now_ms + 60_000)
+    assert errno_of(h, create) == errno.ENOSPC  # sessions
