@@ -125,6 +125,14 @@ class _SnapshotReceive:
     buf: bytearray
 
 
+# At most this many bytes of entries wait in the early-APPEND buffer.
+EARLY_APPEND_BYTES_MAX = 16 << 20
+
+
+def _entries_bytes(m: Message) -> int:
+    return sum(len(e.data) for e in m.entries)
+
+
 class Raft:
     def __init__(self, config: Config, storage: Storage, rng: Any) -> None:
         config.validate()
@@ -171,6 +179,13 @@ class Raft:
         self._append_all_if_empty = False
         self._append_to: dict[int, bool] = {}
         self._snapshot_receive: _SnapshotReceive | None = None
+        # APPENDs of this term's leader that arrived ahead of the entries
+        # before them (a link that reorders), by previous index; applied once
+        # the gap fills. Rejecting them instead makes the leader resend its
+        # whole window for every overtaking message. TCP never reorders, so
+        # in production this stays empty.
+        self._early_appends: dict[int, Message] = {}
+        self._early_bytes = 0
 
         # Membership: base (as of conf_base_index) + one record per conf
         # entry above it, so truncating a conf entry reverts it.
@@ -312,6 +327,8 @@ class Raft:
         self._append_all = False
         self._append_all_if_empty = False
         self._append_to = {}
+        self._early_appends = {}
+        self._early_bytes = 0
 
     def become_follower(self, term: int, lead: int) -> None:
         self._reset(term)
@@ -491,6 +508,7 @@ class Raft:
                 entries=tuple(ents),
                 commit=self.log.committed,
                 lease_tick=self.now_tick,
+                streamed=pr.state == ProgressState.REPLICATE,
             )
         )
         pr.sent_entries(ents[-1].index if ents else None, self.now_tick)
@@ -716,7 +734,37 @@ class Raft:
         self._send(Message(to=m.frm, frm=self.id, term=self.term, lease_tick=m.lease_tick, **fields))
 
     def _handle_append(self, m: Message) -> None:
+        self._append_one(m)
+        early = self._early_appends
+        while early:
+            prev = min(early)
+            if prev > self.log.last_index():
+                break
+            held = early.pop(prev)
+            self._early_bytes -= _entries_bytes(held)
+            self._append_one(held)
+
+    def _hold_early_append(self, m: Message) -> bool:
+        """Keep an APPEND that starts past our last entry until the gap
+        fills; False when the buffer is full (then it is rejected, and the
+        rejection tells the leader where our log ends)."""
+        size = _entries_bytes(m)
+        if (len(self._early_appends) >= self.cfg.max_inflight_msgs
+                or self._early_bytes + size > EARLY_APPEND_BYTES_MAX):
+            return False
+        previous = self._early_appends.get(m.index)
+        if previous is not None:
+            if len(previous.entries) >= len(m.entries):
+                return True  # a duplicate
+            self._early_bytes -= _entries_bytes(previous)
+        self._early_appends[m.index] = m
+        self._early_bytes += size
+        return True
+
+    def _append_one(self, m: Message) -> None:
         log = self.log
+        if m.streamed and m.index > log.last_index() and m.entries and self._hold_early_append(m):
+            return
         if m.index < log.committed:
             self._reply(m, type=MessageType.APPEND_RESP, index=log.committed)
             return
@@ -1028,6 +1076,12 @@ class Raft:
         self.log.assert_invariants()
         self.read_only.assert_invariants()
         log = self.log
+        assert self._early_bytes == sum(_entries_bytes(m) for m in self._early_appends.values())
+        # A pre-candidate keeps them: pre-vote changes no term, and the term's
+        # leader may still fill the gap.
+        assert self.role in (Role.FOLLOWER, Role.PRE_CANDIDATE) or not self._early_appends, \
+            "only followers hold early APPENDs"
+        assert all(prev > log.last_index() for prev in self._early_appends), "a held APPEND was not applied"
         assert self.log.term_or_zero(log.committed) <= self.term
         assert self.log.last_term() <= self.term, (self.log.last_term(), self.term)
         if self.role == Role.LEADER:

@@ -64,7 +64,10 @@ class TcpTransport:
         if peer is None:
             return
         if len(peer.queue) >= self.queue_limit:
+            # A message lost while the link stays up: tell Raft, so that it
+            # re-probes rather than wait for the heartbeat check to notice.
             peer.dropped += 1
+            self.on_unreachable(peer.id)
             return
         peer.queue.append(msg)
 

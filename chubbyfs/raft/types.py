@@ -131,6 +131,10 @@ class Message:
     - lease_tick: the leader's tick when it sent an APPEND or HEARTBEAT;
       followers echo it in the response, so the leader can compute its lease
       from send times (never receive times).
+    - streamed (APPEND): sent by a leader streaming to a follower it knows
+      to match (REPLICATE), not a probe. A follower may hold a streamed
+      APPEND that arrived before the entries it follows; a probe always gets
+      an answer at once.
     """
 
     type: MessageType
@@ -149,6 +153,7 @@ class Message:
     snapshot_offset: int = 0
     snapshot_data: bytes = b""
     snapshot_done: bool = False
+    streamed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,14 +28,14 @@ def message_to_wire(m: Message) -> list:
         int(m.type), m.to, m.frm, m.term, m.log_term, m.index,
         [_entry_out(e) for e in m.entries],
         m.commit, m.reject, m.reject_hint, m.context, m.lease_tick,
-        _meta_out(m.snapshot_meta), m.snapshot_offset, m.snapshot_data, m.snapshot_done,
+        _meta_out(m.snapshot_meta), m.snapshot_offset, m.snapshot_data, m.snapshot_done, m.streamed,
     ]
 
 
 def message_from_wire(obj: Any) -> Message:
     try:
         (mtype, to, frm, term, log_term, index, entries, commit, reject, reject_hint,
-         context, lease_tick, meta, snap_off, snap_data, snap_done) = obj
+         context, lease_tick, meta, snap_off, snap_data, snap_done, streamed) = obj
         meta_obj = None
         if meta is not None:
             meta_obj = SnapshotMeta(index=meta[0], term=meta[1], conf=ConfState(tuple(meta[2])))
@@ -44,7 +44,7 @@ def message_from_wire(obj: Any) -> Message:
             entries=tuple(Entry(term=t, index=i, type=EntryType(ty), data=d) for t, i, ty, d in entries),
             commit=commit, reject=bool(reject), reject_hint=reject_hint, context=context,
             lease_tick=lease_tick, snapshot_meta=meta_obj, snapshot_offset=snap_off,
-            snapshot_data=snap_data, snapshot_done=bool(snap_done),
+            snapshot_data=snap_data, snapshot_done=bool(snap_done), streamed=bool(streamed),
         )
     except (TypeError, ValueError) as exc:
         raise FrameError(f"malformed raft message: {exc}") from None

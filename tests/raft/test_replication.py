@@ -271,6 +271,9 @@ def test_transfer_catches_target_up_and_drops_proposals_meanwhile() -> None:
         net.propose(1, b"%d" % i)
     net.stabilize()
     net.recover()
+    # What the transport reports when a broken connection comes back: the
+    # APPENDs it carried are gone.
+    net.raw(1).report_unreachable(3)
     net.raw(1).transfer_leadership(3)
     with pytest.raises(ProposalDroppedError):
         net.propose(1, b"refused")
