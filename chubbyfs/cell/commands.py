@@ -88,7 +88,7 @@ class CellLimits:
     max_handles_per_session: int = 1_000
     max_waiters_per_lock: int = 1_000
     max_children_per_directory: int = 10_000
-    max_sessions: int = 10_000
+    max_sessions: int = 50_000
     max_name_bytes: int = 255
     max_path_depth: int = 64
 

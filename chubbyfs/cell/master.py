@@ -38,6 +38,7 @@ carry the epoch they were made in.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import os
@@ -69,8 +70,17 @@ DEFAULT_SESSION_LEASE_MS = 12_000
 # over and re-creates its handles on its next KeepAlive.
 EPHEMERAL_GRACE_LEASES = 5
 IDLE_TICK_MS = 1_000  # stamped time moves at least this often on an idle cell
-LEASE_BATCH_S = 0.005  # KeepAlives arriving together share one ExtendLeases entry
+# KeepAlives arriving within this long share one ExtendLeases entry. The
+# reply waits for it, which costs a held KeepAlive nothing (its lease counts
+# from when it was sent) and keeps the log to ~20 entries/s however many
+# sessions there are.
+LEASE_BATCH_S = 0.05
 PROPOSAL_TIMEOUT_S = 10.0
+# KeepAlives the master works on at once. After a fail-over every session's
+# KeepAlive arrives together; unbounded, one trio batch of them would delay
+# the Raft loop's heartbeats past the election timeout and start another
+# election. Bounded, the Raft loop gets its turn between small batches.
+KEEP_ALIVE_CONCURRENCY = 64
 CACHEABLE_OPS = ("get_contents_and_stat", "get_stat", "read_dir")
 
 _OP_CLASSES: dict[str, type] = {
@@ -175,6 +185,12 @@ class CellService:
         # leaving the client time to send the next one.
         self.keep_alive_margin_ms = session_lease_ms // 4
         self._keep_alive_wakeups: dict[int, trio.Event] = {}
+        # Held KeepAlives' ends, (hold_until_ms, n, wakeup): one timer task
+        # ends them all, which is far cheaper than a cancel scope each.
+        self._holds: list[tuple[int, int, trio.Event]] = []
+        self._hold_numbers = itertools.count()
+        self._holds_changed = trio.Event()
+        self._keep_alive_slots = trio.CapacityLimiter(KEEP_ALIVE_CONCURRENCY)
         self.cache = CacheRegistry()
         self._cache_changed = trio.Event()  # an ack, an expiry or a session end settled waits
 
@@ -221,6 +237,7 @@ class CellService:
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._lease_batcher)
+            nursery.start_soon(self._hold_timer)
             while True:
                 if self.node.role == Role.LEADER and self.epoch != self.node.term:
                     await self._become_master()
@@ -285,6 +302,7 @@ class CellService:
         for wake in self._keep_alive_wakeups.values():
             wake.set()
         self._keep_alive_wakeups.clear()
+        self._holds.clear()
         # Blocked Acquires are answered by the client retrying at the new master.
         for waiter in self._acquire_waiters.values():
             waiter.close()
@@ -534,6 +552,8 @@ class CellService:
         session's handles in it: those in `handle_ids` (what the client still
         holds; the library sends them once, right after the fail-over), or,
         for a client that never says, all of them."""
+        async with self._keep_alive_slots:
+            await trio.lowlevel.checkpoint()  # the slot is held across a turn of the scheduler
         if session_id not in self.sm.sessions:
             # Our applied state may be behind (a deposed master, or one still
             # catching up): decide "gone" only after a read barrier.
@@ -547,12 +567,14 @@ class CellService:
             self._renew_handles(session_id, handle_ids)
         received_ms = self.clock_ms()
         promised = self.sm.sessions[session_id].lease_end_ms
-        if hold and not self.cache.has_pending(session_id):
-            hold_until_ms = promised - self.keep_alive_margin_ms
+        hold_until_ms = promised - self.keep_alive_margin_ms
+        if hold and hold_until_ms > received_ms and not self.cache.has_pending(session_id):
             wake = self._keep_alive_wakeups.setdefault(session_id, trio.Event())
-            with trio.move_on_after(max(0.0, (hold_until_ms - received_ms) / 1000)):
-                await wake.wait()
-            if self._keep_alive_wakeups.get(session_id) is wake and wake.is_set():
+            if not self._holds or hold_until_ms < self._holds[0][0]:
+                self._holds_changed.set()
+            heapq.heappush(self._holds, (hold_until_ms, next(self._hold_numbers), wake))
+            await wake.wait()
+            if self._keep_alive_wakeups.get(session_id) is wake:
                 del self._keep_alive_wakeups[session_id]
             if not self.epoch:
                 raise NotLeaderError(self.node.leader)
@@ -578,6 +600,8 @@ class CellService:
             lease_ms = self.session_lease_ms
         # else: woken early with most of the lease left; the reply promises
         # only what is already replicated, so no log write per delivery.
+        async with self._keep_alive_slots:
+            await trio.lowlevel.checkpoint()
         if not self.epoch:
             raise NotLeaderError(self.node.leader)
         items = self.cache.pending(session_id)
@@ -587,6 +611,18 @@ class CellService:
             self._notify_cache()
         return {"session_id": session_id, "lease_ms": lease_ms, "held_ms": max(0, now - received_ms),
                 "epoch": self.epoch, "items": [item.to_wire() for item in items]}
+
+    async def _hold_timer(self) -> None:
+        """End each held KeepAlive when its time comes (an earlier wakeup,
+        items or a step-down, may have ended it already)."""
+        while True:
+            now = self.clock_ms()
+            while self._holds and self._holds[0][0] <= now:
+                heapq.heappop(self._holds)[2].set()
+            changed = self._holds_changed = trio.Event()
+            wait_s = 1.0 if not self._holds else (self._holds[0][0] - now) / 1000
+            with trio.move_on_after(min(1.0, max(0.001, wait_s))):
+                await changed.wait()
 
     def _renew_handles(self, session_id: int, handle_ids: list[int] | None) -> None:
         """Re-create the session's handles in this epoch (next lease batch):
