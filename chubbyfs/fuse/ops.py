@@ -50,8 +50,26 @@ def _enosys() -> FuseError:
     return FuseError(errno.ENOSYS)
 
 
+# Returned by `Operations.answer_now` when the request needs its async handler.
+NOT_NOW = object()
+
+
 class Operations:
     """Base class for filesystems served by `FuseSession`."""
+
+    # Methods the session first offers to `answer_now` (e.g. {"open", "release"}).
+    answer_now_methods: frozenset[str] = frozenset()
+
+    def answer_now(self, method: str, ctx: RequestContext, req: object) -> object:
+        """Answer `req` at once, without a task of its own, or return `NOT_NOW`.
+
+        Called synchronously from the read loop for the methods named in
+        `answer_now_methods`, before the next request is read: it must not
+        block, and whatever it returns is sent as `method`'s reply (a raised
+        `FuseError` as its error). For requests a cache can answer: a task per
+        request costs more than such an answer.
+        """
+        return NOT_NOW
 
     async def init(self, negotiated: Negotiated) -> None:
         """Called once INIT is answered; the mount is usable from then on."""

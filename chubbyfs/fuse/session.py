@@ -34,7 +34,7 @@ from .codec import xattr_list_payload, xattr_payload
 from .errors import FuseDecodeError, FuseEncodeError, FuseError
 from .inflight import InflightTable
 from .negotiate import Accepted, FuseConfig, Negotiated, NegotiationError, negotiate
-from .ops import Operations, RequestContext, overrides
+from .ops import NOT_NOW, Operations, RequestContext, overrides
 from .replies import (
     AttrOut, CreateOut, DirentBuffer, EntryOut, IoctlOut, LkOut, LseekOut, Notification,
     NotifyDelete, NotifyInvalEntry, NotifyInvalInode, NotifyPoll, NotifyStore, OpenOut,
@@ -122,6 +122,7 @@ class FuseSession:
     def __init__(self, fd: int, ops: Operations, config: FuseConfig | None = None) -> None:
         self._fd = fd
         self._ops = ops
+        self._answer_now = frozenset(ops.answer_now_methods) if overrides(ops, "answer_now") else frozenset()
         self._config = config or FuseConfig()
         self._table: InflightTable[trio.CancelScope] = InflightTable(
             self._config.interrupt_memory_s)
@@ -374,6 +375,8 @@ class FuseSession:
         if not info.replies:  # FORGET, BATCH_FORGET: no answer, no interrupt
             nursery.start_soon(self._run_forget, req, info.method)
             return
+        if info.method in self._answer_now and self._try_answer_now(req, info.method):
+            return
         scope = trio.CancelScope()
         if self._table.begin(req.unique, scope):
             scope.cancel()
@@ -417,6 +420,26 @@ class FuseSession:
                 self._reply(encode_error(own_unique, errno.EAGAIN))
 
     # ------------------------------------------------------------- running
+
+    def _try_answer_now(self, req: rq.Request, method: str) -> bool:
+        """The filesystem's synchronous answer, if it has one (no task, and
+        nothing an INTERRUPT could still reach: it is answered before the
+        next read)."""
+        try:
+            value = self._ops.answer_now(method, self._context(req), req.body)
+            if value is NOT_NOW:
+                return False
+            convert = _CONVERT.get(method)
+            msg = encode_reply(req.unique, convert(value, req.body, method) if convert
+                               else _empty(value, method))
+        except FuseError as exc:
+            msg = encode_error(req.unique, exc.errno)
+        except Exception:
+            self._counts["handler_crashes"] += 1
+            log.exception("%s (unique %d) answered at once failed", method, req.unique)
+            msg = encode_error(req.unique, errno.EIO)
+        self._reply(msg)
+        return True
 
     def _context(self, req: rq.Request) -> RequestContext:
         h = req.header

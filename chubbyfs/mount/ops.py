@@ -39,7 +39,7 @@ from chubbyfs.client.session import ABSENT, Handle, SessionState
 from chubbyfs.fuse import abi
 from chubbyfs.fuse import requests as rq
 from chubbyfs.fuse.errors import FuseError
-from chubbyfs.fuse.ops import Operations, RequestContext
+from chubbyfs.fuse.ops import NOT_NOW, Operations, RequestContext
 from chubbyfs.fuse.replies import (
     Attr, AttrOut, CreateOut, DirEntry, DirEntryPlus, DirentBuffer, EntryOut, NotifyInvalEntry,
     NotifyInvalInode, NotifyPoll, OpenOut, StatfsOut, dirent_type,
@@ -568,20 +568,7 @@ class ChubbyOperations(Operations):
             # file already walked to costs no round trip.
             with cell_errors(f"open {inode.path}"):
                 h = await us.reads.borrow(inode.path)
-            if h.stat.is_directory:
-                us.reads.give_back(h)
-                raise FuseError(errno.EISDIR)
-            f = self._open_file(ctx, inode.ino, inode.cell, inode.path, us, h, req.flags)
-            f.borrowed = True
-            if (self._attr_ns and self._pages_trusted(inode.ino)
-                    and self._cached_generation(us, inode.path, h.instance) is not None):
-                f.keep_cache = True
-                self._paged.add(inode.ino)
-                # No FLUSH at close: nothing to commit, and one round trip
-                # less per open/close. (POSIX locks then end with the last
-                # close of this open file, not at any close of the file.)
-                return OpenOut(f.fh, abi.FOPEN_KEEP_CACHE | abi.FOPEN_NOFLUSH)
-            return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
+            return self._open_borrowed(ctx, inode, us, h, req.flags)
         with cell_errors(f"open {inode.path}"):
             try:
                 # Writers read too: appends and edits in place start from the
@@ -603,6 +590,45 @@ class ChubbyOperations(Operations):
             assert f.buffer is not None
             f.buffer.truncate(0)
         return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
+
+    def _open_borrowed(self, ctx: RequestContext, inode: Inode, us: UserSession, h: Handle,
+                       flags: int) -> OpenOut:
+        if h.stat.is_directory:
+            us.reads.give_back(h)
+            raise FuseError(errno.EISDIR)
+        f = self._open_file(ctx, inode.ino, inode.cell, inode.path, us, h, flags)
+        f.borrowed = True
+        if (self._attr_ns and self._pages_trusted(inode.ino)
+                and self._cached_generation(us, inode.path, h.instance) is not None):
+            f.keep_cache = True
+            self._paged.add(inode.ino)
+            # No FLUSH at close: nothing to commit, and one round trip less
+            # per open/close. (POSIX locks then end with the last close of
+            # this open file, not at any close of the file.)
+            return OpenOut(f.fh, abi.FOPEN_KEEP_CACHE | abi.FOPEN_NOFLUSH)
+        return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
+
+    answer_now_methods = frozenset({"open", "release"})
+
+    def answer_now(self, method: str, ctx: RequestContext, req: object) -> object:
+        """Opens of files whose read handle is at hand, and releases of such
+        opens, need nothing from the cell: answered without a task."""
+        if method == "open":
+            assert isinstance(req, rq.Open)
+            inode = self.inodes.get(req.nodeid)
+            if inode is None or inode.virtual is not None or inode.is_dir or req.flags & os.O_ACCMODE:
+                return NOT_NOW
+            us = self.pool.peek(inode.cell, self.principal(ctx.uid))
+            h = us.reads.borrow_cached(inode.path) if us is not None and not us.expired else None
+            return NOT_NOW if h is None else self._open_borrowed(ctx, inode, us, h, req.flags)
+        assert method == "release" and isinstance(req, rq.Release)
+        f = self.files.get(req.fh)
+        if f is None or not f.borrowed or f.locks or (f.buffer is not None and f.buffer.dirty):
+            return NOT_NOW
+        del self.files[req.fh]
+        assert f.us is not None and f.handle is not None
+        f.us.reads.give_back(f.handle)
+        return None
 
     def _cached_generation(self, us: UserSession, path: str, instance: int) -> int | None:
         """The content generation of `path` the session caches (so the master

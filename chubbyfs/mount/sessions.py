@@ -95,7 +95,17 @@ class ReadHandles:
 
     async def borrow(self, path: str) -> Handle:
         """A read handle on `path` for an open file; give it back at release."""
-        handle = await self._get(path)
+        return self._lend(await self._get(path))
+
+    def borrow_cached(self, path: str) -> Handle | None:
+        """`borrow`, if a handle on `path` is at hand (no waiting); else None."""
+        handle = self._handles.get(path)
+        if handle is None:
+            return None
+        self._handles.move_to_end(path)
+        return self._lend(handle)
+
+    def _lend(self, handle: Handle) -> Handle:
         self._borrowers[handle.id] = self._borrowers.get(handle.id, 0) + 1
         return handle
 

@@ -18,9 +18,9 @@ from chubbyfs.fuse import abi
 from chubbyfs.fuse import requests as rq
 from chubbyfs.fuse.errors import FuseError
 from chubbyfs.fuse.negotiate import FuseConfig
-from chubbyfs.fuse.ops import Operations, RequestContext
+from chubbyfs.fuse.ops import NOT_NOW, Operations, RequestContext
 from chubbyfs.fuse.replies import (
-    Attr, DirEntry, DirentBuffer, EntryOut, NotifyInvalEntry,
+    Attr, DirEntry, DirentBuffer, EntryOut, NotifyInvalEntry, OpenOut,
 )
 from chubbyfs.fuse.session import FuseProtocolError, FuseSession
 
@@ -157,6 +157,43 @@ async def test_init_then_requests_and_errors() -> None:
         stats = session.statistics()
         assert stats.decode_errors == 4 and stats.handler_crashes == 2
         assert stats.in_flight == 0 and stats.replies == 10  # INIT + 9 answers
+        session.assert_invariants()
+
+
+class Quick(Toy):
+    """Opens of inode 2 answered at once; others by the async handler."""
+
+    answer_now_methods = frozenset({"open"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handled: list[int] = []
+
+    def answer_now(self, method: str, ctx: RequestContext, req: object) -> object:
+        assert method == "open" and isinstance(req, rq.Open) and ctx.pid == 4242
+        if req.nodeid == 3:
+            raise FuseError(errno.EACCES)
+        if req.nodeid == 4:
+            raise RuntimeError("a bug in the fast path")
+        return OpenOut(7, 0) if req.nodeid == 2 else NOT_NOW
+
+    async def open(self, ctx: RequestContext, req: rq.Open) -> OpenOut:
+        self.handled.append(req.nodeid)
+        return OpenOut(8, 0)
+
+
+async def test_answer_now_replies_without_a_task_or_falls_back() -> None:
+    ops = Quick()
+    async with fake_mount(ops) as (kernel, session):
+        open_in = struct.pack("<II", 0, 0)
+        error, unique, payload = await kernel.call(14, open_in, unique=4, nodeid=2)
+        assert (error, unique, struct.unpack_from("<Q", payload)[0]) == (0, 4, 7)
+        error, unique, payload = await kernel.call(14, open_in, unique=6, nodeid=5)
+        assert (error, unique, struct.unpack_from("<Q", payload)[0]) == (0, 6, 8)
+        assert (await kernel.call(14, open_in, unique=8, nodeid=3))[:2] == (-errno.EACCES, 8)
+        assert (await kernel.call(14, open_in, unique=10, nodeid=4))[:2] == (-errno.EIO, 10)
+        assert ops.handled == [5]
+        assert session.statistics().handler_crashes == 1
         session.assert_invariants()
 
 
