@@ -3,6 +3,7 @@
     python -m chubbyfs.sim.cell run --seed 42 [--trace] [--no-fencing]
     python -m chubbyfs.sim.cell replay --seed 42 --trace
     python -m chubbyfs.sim.cell sweep --seeds 1000 [--start 5000] [--jobs 2] [--no-fencing]
+        [--unsafe-cache skip_invalidations|jeopardy_reads] [--registry-fix]
 
 Like `python -m chubbyfs.sim`, every command re-executes itself with
 PYTHONHASHSEED=0 unless it is already pinned. `--no-fencing` runs the
@@ -18,19 +19,32 @@ from collections.abc import Callable
 
 from ..cli import Workload, main
 from ..swarm import SimResult
+from .session import UNSAFE_CACHE_MODES
 from .swarm import run_cell_sim
 
 
 def _run(seed: int, args: argparse.Namespace, trace_sink: Callable[[str], None] | None) -> SimResult:
-    return run_cell_sim(seed, fencing=not args.no_fencing, trace_sink=trace_sink)
+    return run_cell_sim(seed, fencing=not args.no_fencing, unsafe_cache=args.unsafe_cache,
+                        registry_fix=args.registry_fix, trace_sink=trace_sink)
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fencing", action="store_true", help="negative control: no fencing at the resource")
+    parser.add_argument("--unsafe-cache", choices=[m for m in UNSAFE_CACHE_MODES if m], default="",
+                        help="negative control: clients that skip invalidations or read from cache in jeopardy")
+    parser.add_argument("--registry-fix", action="store_true",
+                        help="masters use the proposed cache registry fix (sim/cell/registry_fix.py)")
+
+
+def _option_words(args: argparse.Namespace) -> list[str]:
+    words = ["--no-fencing"] if args.no_fencing else []
+    if args.unsafe_cache:
+        words += ["--unsafe-cache", args.unsafe_cache]
+    return words + (["--registry-fix"] if args.registry_fix else [])
 
 
 WORKLOAD = Workload(module="chubbyfs.sim.cell", label="cell sweep", run=_run, add_options=_add_options,
-                    option_words=lambda args: ["--no-fencing"] if args.no_fencing else [])
+                    option_words=_option_words)
 
 if __name__ == "__main__":
     sys.exit(main(WORKLOAD, __doc__))

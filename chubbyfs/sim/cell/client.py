@@ -20,15 +20,24 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ...client.cache_core import ABSENT, DirEntry
+from ...client.events import EventKind
+from ...wire.cell_protocol import Stat
 from ..checkers.fencing import FencingError
 
+from .cluster import CELL_ROOT, SIM_LEASE_END
 from .rpc import CLIENT_ENDPOINT_BASE
+from .session import SimSession
 
 if TYPE_CHECKING:
     from .cluster import CellSimCluster
 
 INTENT_READ, INTENT_WRITE, INTENT_LOCK = 1, 2, 4
 CREATE_FILE = 1
+# Event subscriptions (EventKind bits): data files, lock files, the watched cell root.
+DATA_EVENTS = int(EventKind.CONTENTS_MODIFIED | EventKind.HANDLE_INVALID)
+LOCK_EVENTS = int(EventKind.LOCK_ACQUIRED | EventKind.CONFLICTING_LOCK | EventKind.HANDLE_INVALID)
+WATCH_EVENTS = int(EventKind.CHILD_ADDED | EventKind.CHILD_REMOVED | EventKind.CHILD_MODIFIED)
 # Errors after which the request certainly was not applied: try again.
 _RETRY_CODES = ("retry", "lost")
 # Errors that leave the outcome unknown.
@@ -41,6 +50,7 @@ class Reply:
     value: Any = None
     code: str = ""
     node: int = 0  # the replica that answered
+    fields: dict | None = None  # the whole reply (a cacheable read's `cacheable`, `seq`, ... beside `value`)
 
 
 @dataclass
@@ -62,9 +72,10 @@ class ChubbyClient:
         cluster.links.attach_client(self.endpoint)
         self.rng = cluster.rng.stream(f"chubby-client-{index}")
         self.leader_guess = cluster.node_ids[index % len(cluster.node_ids)]
-        self.session_id: int | None = None
+        self.session: SimSession | None = None
+        self.sessions: list[SimSession] = []  # every session this client had, for the event check
         self.lease_ms = self.cfg.session_lease_ms
-        self.lease_deadline = 0.0
+        self.watch_handle: list | None = None  # the cell root, opened for child events
         self.data_handles: dict[str, tuple[list, int, int]] = {}  # path -> (ref, instance, last generation)
         self.lock_handles: dict[str, list] = {}
         self.ephemeral_handles: dict[str, list] = {}
@@ -117,7 +128,7 @@ class ChubbyClient:
             reply = await links.call(self.endpoint, target, body, min(attempt, remaining))
             code = None if reply is None else reply.get("error")
             if reply is not None and code is None:
-                return Reply("ok", reply.get("value"), node=target)
+                return Reply("ok", reply.get("value"), node=target, fields=reply)
             if reply is None or code in _UNKNOWN_CODES:
                 if mutating:
                     uncertain = True
@@ -136,30 +147,39 @@ class ChubbyClient:
 
     # ---- sessions ------------------------------------------------------------------------
 
+    @property
+    def session_id(self) -> int | None:
+        return None if self.session is None else self.session.id
+
     def believes_session(self) -> bool:
-        return self.session_id is not None and trio.current_time() < self.lease_deadline
+        """SAFE within the local lease: the client may act on its locks."""
+        return self.session is not None and self.session.safe(trio.current_time())
 
     async def ensure_session(self) -> bool:
-        if self.session_id is not None:
+        if self.session is not None:
             return True
         sent = trio.current_time()
         reply = await self.call("create_session", mutating=True)
         if reply.kind != "ok":
             return False
-        self.session_id = reply.value["session_id"]
         self.lease_ms = reply.value["lease_ms"]
-        self.lease_deadline = sent + self.lease_ms / 1000
+        self.session = SimSession(reply.value["session_id"], self.lease_ms, sent_at=sent,
+                                  epoch=reply.value["epoch"], grace_ms=self.cfg.grace_ms,
+                                  master_lease_end_ms=reply.value["lease_end_ms"],
+                                  unsafe_cache=self.cfg.unsafe_cache)
+        self.sessions.append(self.session)
         self.stats["sessions"] += 1
         self.log(f"session {self.session_id} created via n{reply.node}")
         return True
 
     def lose_session(self, why: str) -> None:
-        if self.session_id is not None:
+        if self.session is not None:
             self.log(f"session {self.session_id} lost: {why}")
-        self.session_id = None
+        self.session = None
         self.data_handles.clear()
         self.lock_handles.clear()
         self.ephemeral_handles.clear()
+        self.watch_handle = None
         self.holding = None
 
     def _session_expired(self, session_id: int, reply: Reply) -> None:
@@ -181,27 +201,69 @@ class ChubbyClient:
                     f"its lease beyond n{reply.node}'s time {master_now} ms")
         self.lose_session(f"cell says expired (n{reply.node})")
 
-    async def keep_alive_loop(self) -> None:
+    def _tick(self, session: SimSession) -> bool:
+        """Move the local lease on; False (and the session dropped) once expired."""
+        session.tick(trio.current_time())
+        if session.expired and self.session is session:
+            self.lose_session("no master reached within the grace period")
+        return not session.expired
+
+    def start_session_tasks(self, nursery: trio.Nursery) -> None:
+        """The session's background: the KeepAlive loop and the lease timer."""
+        nursery.start_soon(self.keep_alive_loop)
+        nursery.start_soon(self.lease_timer)
+
+    async def lease_timer(self) -> None:
+        """Jeopardy and expiry happen on time, not only when the client next looks."""
         while True:
-            await trio.sleep(self.lease_ms / 3000)
-            await self.gate()
-            session_id = self.session_id
-            if session_id is None:
+            session = self.session
+            deadline_ms = None if session is None else session.core.next_deadline_ms()
+            if session is None or deadline_ms is None:
+                await trio.sleep(0.02)
                 continue
-            if trio.current_time() >= self.lease_deadline:
-                self.lose_session("lease ran out locally")
+            await trio.sleep_until(max(trio.current_time(), deadline_ms / 1000 + 1e-6))
+            await self.gate()
+            if self.session is session:
+                self._tick(session)
+
+    async def keep_alive_loop(self) -> None:
+        """One long-poll KeepAlive outstanding at a time, acknowledging every
+        item processed so far (as `Session.keep_alive_forever` does). Each
+        attempt is bounded by the local lease (a quarter lease in jeopardy)."""
+        while True:
+            await self.gate()
+            session = self.session
+            if session is None or not self._tick(session):
+                await trio.sleep(0.02)
                 continue
             sent = trio.current_time()
-            reply = await self.call("keep_alive", mutating=False, timeout=max(0.05, self.lease_deadline - sent),
-                                    session_id=session_id)
-            if self.session_id != session_id:
+            safe = session.safe(sent)
+            if safe:
+                attempt = max(0.05, session.core.local_lease_end_ms / 1000 - sent)
+            else:
+                attempt = max(0.05, session.lease_ms / 4000)
+            reply = await self.call("keep_alive", mutating=False, timeout=attempt, attempt=attempt,
+                                    session_id=session.id, hold=safe, ack=session.cache.last_seq,
+                                    ack_epoch=session.cache.epoch)
+            await self.gate()  # a paused process handles the reply when it resumes
+            if self.session is not session:
                 continue
             if reply.kind == "ok":
-                self.lease_deadline = max(self.lease_deadline, sent + reply.value["lease_ms"] / 1000)
+                value = reply.value
+                now = trio.current_time()
+                if value.get("items"):
+                    self.log(f"keep-alive from n{reply.node} epoch {value.get('epoch')} items "
+                             f"{[tuple(item[:4]) for item in value['items']]}")
+                session.process_items(value.get("epoch", 0), value.get("items", ()), now)
+                session.renewed(sent_at=sent, lease_ms=value["held_ms"] + value["lease_ms"], now=now,
+                                master_lease_end_ms=(reply.fields or {}).get(SIM_LEASE_END, 0))
+                self.stats["keep_alives"] += 1
+                if session.expired:
+                    self.lose_session("renewed only after the grace period")
             elif reply.kind == "error" and reply.code == "session_expired":
-                self._session_expired(session_id, reply)
-            elif trio.current_time() >= self.lease_deadline:
-                self.lose_session("keep-alive failed until the lease ran out")
+                self._session_expired(session.id, reply)
+            else:
+                await trio.sleep(0.02)  # no master yet; the lease timer decides our fate
 
     def _handle_error(self, reply: Reply, session_id: int) -> None:
         if reply.kind == "error" and reply.code == "session_expired" and self.session_id == session_id:
@@ -216,16 +278,25 @@ class ChubbyClient:
             if not await self.ensure_session():
                 await trio.sleep(0.05)
                 continue
+            session = self.session
+            assert session is not None
+            if not session.cache_usable(trio.current_time()):
+                # Jeopardy: calls wait until a master renews the session or
+                # the grace period ends (Chubby §2.8).
+                await trio.sleep(0.01)
+                continue
             if self.holding is not None:
                 await self._critical_step()
             else:
                 roll = self.rng.random()
                 if roll < 0.45:
                     await self._data_op()
-                elif roll < 0.80:
+                elif roll < 0.75:
                     await self._lock_op()
-                elif roll < 0.90:
+                elif roll < 0.83:
                     await self._ephemeral_op()
+                elif roll < 0.91:
+                    await self._watch_op()
                 elif roll < 0.97:
                     await self._check_sequencer()
                 else:
@@ -234,9 +305,9 @@ class ChubbyClient:
                 await trio.sleep(self.rng.expovariate(1.0 / think))
 
     async def _open(self, path: str, *, create: bool, intent: int, ephemeral: bool = False,
-                    lock_delay_ms: int | None = None) -> Reply:
+                    lock_delay_ms: int | None = None, events: int = 0) -> Reply:
         fields: dict[str, Any] = {"path": path, "intent": intent, "create": CREATE_FILE if create else 0,
-                                  "ephemeral": ephemeral}
+                                  "ephemeral": ephemeral, "events": events}
         if lock_delay_ms is not None:
             fields["lock_delay_ms"] = lock_delay_ms
         return await self.call("open", mutating=create, session_id=self.session_id, **fields)
@@ -267,8 +338,10 @@ class ChubbyClient:
         held = self.data_handles.get(path)
         if held is None:
             create = self.rng.random() < 0.8
+            if not create and self._cached_absence(path):
+                return
             self._invoke("open", path, create)
-            reply = await self._open(path, create=create, intent=INTENT_READ | INTENT_WRITE)
+            reply = await self._open(path, create=create, intent=INTENT_READ | INTENT_WRITE, events=DATA_EVENTS)
             output = None
             if reply.kind == "ok":
                 stat = reply.value["stat"]
@@ -282,9 +355,16 @@ class ChubbyClient:
             return
         ref, instance, generation = held
         roll = self.rng.random()
-        if roll < 0.35:
-            f, args, op, fields = "read", instance, "get_contents_and_stat", {}
-        elif roll < 0.6:
+        # Read-mostly, as Chubby's clients are: reads are what the cache serves.
+        if roll < 0.55:
+            # A burst of reads: the first may fill the cache, the rest hit it.
+            for _ in range(self.rng.choice((1, 1, 2, 3))):
+                if not await self._read(path, ref, instance, session_id):
+                    return
+                await trio.sleep(self.rng.expovariate(1.0 / (self.cfg.think_seconds or 0.01)))
+                await self.gate()
+            return
+        if roll < 0.7:
             contents = self._next_value()
             f, args, op, fields = "write", (instance, contents), "set_contents", {"contents": contents}
         elif roll < 0.85:
@@ -298,29 +378,109 @@ class ChubbyClient:
             self.data_handles.pop(path, None)
             return
         self._invoke(f, path, args)
-        reply = await self.call(op, mutating=f != "read", session_id=session_id, handle=ref, **fields)
+        reply = await self.call(op, mutating=True, session_id=session_id, handle=ref, **fields)
         output = None
         if reply.kind == "ok":
-            if f == "read":
-                output = ("ok", reply.value["contents"], reply.value["stat"]["content_generation"])
-                generation = output[2]
-            elif f == "delete":
-                output = ("ok",)
-            else:
-                output = ("ok", reply.value["content_generation"])
-                generation = output[1]
-        elif reply.code == "stale_handle":
-            output = ("stale",)
-        elif reply.code == "cas_mismatch":
-            output = ("mismatch",)
+            output = ("ok",) if f == "delete" else ("ok", reply.value["content_generation"])
+        self._after_data_op(path, ref, instance, session_id, reply, output)
+
+    def _after_data_op(self, path: str, ref: list, instance: int, session_id: int, reply: Reply,
+                       output: tuple | None) -> bool:
+        """Record a data op's outcome and keep the handle table; True if the
+        handle is still good for more."""
+        if reply.kind != "ok":
+            output = {"stale_handle": ("stale",), "cas_mismatch": ("mismatch",)}.get(reply.code)
         self._complete(reply, output)
         self._handle_error(reply, session_id)
         if self.session_id != session_id:
-            return
-        if output is None or output[0] != "ok" or f == "delete":
+            return False
+        if output is None or output[0] != "ok" or output == ("ok",):
             self.data_handles.pop(path, None)
+            return False
+        self.data_handles[path] = (ref, instance, output[-1])
+        return True
+
+    async def _read(self, path: str, ref: list, instance: int, session_id: int) -> bool:
+        """One read: from the cache when it can be, else from the master with
+        `cache: true`, installing the reply if the master allows."""
+        if self._cached_read(path, instance):
+            return True
+        self._invoke("read", path, instance)
+        reply = await self.call("get_contents_and_stat", mutating=False, session_id=session_id, handle=ref,
+                                cache=True)
+        output = None
+        if reply.kind == "ok":
+            output = ("ok", reply.value["contents"], reply.value["stat"]["content_generation"])
+            session = self.session
+            if session is not None and session.id == session_id and reply.fields is not None:
+                if session.install_contents(reply.fields, output[1], Stat.from_wire(reply.value["stat"]),
+                                            trio.current_time()):
+                    self.log(f"caches {path} generation {output[2]} (seq {reply.fields['seq']} "
+                             f"epoch {reply.fields['epoch']} from n{reply.node})")
+        return self._after_data_op(path, ref, instance, session_id, reply, output)
+
+    def _cached_read(self, path: str, instance: int) -> bool:
+        """Serve a read from the cache if it can be: recorded as an
+        instantaneous read for WGL, and checked against the local lease."""
+        session = self.session
+        assert session is not None
+        now = trio.current_time()
+        hit = session.cached_contents(path, instance, now)
+        if hit is None:
+            return False
+        contents, stat = hit
+        self._cache_hit(session, now, "cache_hits")
+        self._invoke("read", path, instance)
+        self.cluster.cell_history.ok(self.process, ("ok", contents, stat.content_generation), now)
+        held = self.data_handles.get(path)
+        if held is not None:
+            self.data_handles[path] = (held[0], held[1], stat.content_generation)
+        return True
+
+    def _cache_hit(self, session: SimSession, now: float, what: str) -> None:
+        self.cluster.cache_checker.on_hit(f"c{self.index} session {session.id}", now, session.checked_lease_end,
+                                          session.safe(now))
+        self.stats[what] += 1
+
+    def _cached_absence(self, path: str) -> bool:
+        """Opening a name the cache knows to be absent fails at once (a
+        negative entry, from a cached listing): recorded like a read."""
+        session = self.session
+        assert session is not None
+        now = trio.current_time()
+        if not session.cache_usable(now) or session.cache.lookup(path) is not ABSENT:
+            return False
+        self._cache_hit(session, now, "negative_hits")
+        self._invoke("open", path, False)
+        self.cluster.cell_history.ok(self.process, ("not_found",), now)
+        return True
+
+    async def _watch_op(self) -> None:
+        """Open the cell root for child events, or list it through the cache
+        (the listing is where negative entries come from)."""
+        session = self.session
+        assert session is not None
+        if self.watch_handle is None:
+            reply = await self._open(CELL_ROOT, create=False, intent=INTENT_READ, events=WATCH_EVENTS)
+            if reply.kind == "ok" and self.session is session:
+                self.watch_handle = reply.value["handle"]
+            else:
+                self._handle_error(reply, session.id)
+            return
+        ref = self.watch_handle
+        now = trio.current_time()
+        if session.cache_usable(now) and session.cache.get_listing(CELL_ROOT, ref[2]) is not None:
+            self._cache_hit(session, now, "listing_hits")
+            return
+        reply = await self.call("read_dir", mutating=False, session_id=session.id, handle=ref, cache=True)
+        if reply.kind == "ok" and self.session is session and reply.fields is not None:
+            fields = reply.fields
+            entries = tuple(DirEntry(e["name"], Stat.from_wire(e["stat"])) for e in reply.value["entries"])
+            if fields.get("cacheable") is True and session.cache_usable(trio.current_time()):
+                session.cache.put_listing(fields["cache_path"], ref[2], entries, epoch=fields["epoch"],
+                                          seq=fields["seq"])
         else:
-            self.data_handles[path] = (ref, instance, generation)
+            self._handle_error(reply, session.id)
 
     def _next_value(self) -> bytes:
         self.writes += 1
@@ -341,7 +501,7 @@ class ChubbyClient:
             # and a re-created one must still honour a pending lock-delay.
             ephemeral = len(cfg.lock_paths) > 1 and path == cfg.lock_paths[-1]
             reply = await self._open(path, create=True, intent=INTENT_READ | INTENT_WRITE | INTENT_LOCK,
-                                     ephemeral=ephemeral, lock_delay_ms=cfg.lock_delay_ms)
+                                     ephemeral=ephemeral, lock_delay_ms=cfg.lock_delay_ms, events=LOCK_EVENTS)
             if reply.kind != "ok":
                 self._handle_error(reply, session_id)
                 return
@@ -391,8 +551,7 @@ class ChubbyClient:
         holding = self.holding
         assert holding is not None
         if not self.believes_session():
-            self.holding = None  # the keep-alive loop decides what happens to the session
-            return
+            return  # jeopardy: wait; the lease timer and KeepAlives decide the session's fate
         if holding.rounds_left <= 0:
             await self._leave_critical(holding)
             return
@@ -421,8 +580,14 @@ class ChubbyClient:
         self.holding = None
         roll = self.rng.random()
         if roll < 0.7:
-            await self.call("release", mutating=True, retry_unknown=True, session_id=self.session_id,
-                            handle=holding.ref)
+            reply = await self.call("release", mutating=True, retry_unknown=True, session_id=self.session_id,
+                                    handle=holding.ref)
+            if reply.kind != "ok":
+                # A Release that may still arrive (delayed at a master that
+                # is taking over) would release a later Acquire on this
+                # handle: never acquire through it again.
+                await self._close_handle(holding.ref)
+                self.lock_handles.pop(holding.path, None)
         elif roll < 0.9:
             await self._close_handle(holding.ref)
             self.lock_handles.pop(holding.path, None)

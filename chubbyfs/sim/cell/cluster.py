@@ -23,6 +23,7 @@ from ...cell.master import CellService, ObservedStateMachine
 from ...cell.state_machine import CellStateMachine
 from ...raft.node import NotLeaderError, ProposalLostError, ProposalOutcomeUnknownError, RaftNode
 from ...raft import ProposalDroppedError
+from ..checkers.cache import CacheChecker
 from ..checkers.cell_nodes import CellFileModel
 from ..checkers.fencing import FencedResource
 from ..checkers.locks import LockSafetyChecker
@@ -30,9 +31,17 @@ from ..checkers.wgl import CheckResult, check_operations
 from ..cluster import SimCluster, SimConfig, SimNode
 from ..history import HistoryRecorder
 from ..network import NetworkConfig
-from .rpc import ClientLinks, RpcPacket
+from .registry_fix import FixedCacheRegistry
+from .rpc import CLIENT_ENDPOINT_BASE, ClientLinks, RpcPacket
+from .session import UNSAFE_CACHE_MODES
 
 CELL_NAME = "sim"
+# A KeepAlive reply field only the simulation adds (see `_answer`).
+SIM_LEASE_END = "sim_lease_end_ms"
+# Marks a P9 violation whose cause is the cache registry bug found by this
+# simulation: a second change of a path does not wait for a cacher that has
+# not yet acknowledged the first change's invalidation.
+EARLIER_WAIT_FINDING = "earlier modification still waiting on this cacher"
 CELL_ROOT = f"/ls/{CELL_NAME}"
 PRINCIPAL = "sim"
 
@@ -53,6 +62,9 @@ class CellSimConfig:
     acquire_attempt_seconds: float = 1.5  # a blocking Acquire waits this long per attempt
     think_seconds: float = 0.03
     fencing: bool = True  # False: the negative control (the resource accepts stale holders)
+    grace_ms: int = 2_000  # the clients' grace period after their local lease runs out
+    unsafe_cache: str = ""  # a negative control: see session.UNSAFE_CACHE_MODES
+    registry_fix: bool = False  # run the masters with the proposed cache registry fix (registry_fix.py)
     data_paths: tuple[str, ...] = (f"{CELL_ROOT}/d0", f"{CELL_ROOT}/d1")
     lock_paths: tuple[str, ...] = (f"{CELL_ROOT}/l0", f"{CELL_ROOT}/l1")  # l1 is ephemeral
     ephemeral_paths: tuple[str, ...] = (f"{CELL_ROOT}/e0",)
@@ -63,8 +75,10 @@ class CellSimConfig:
             raise ValueError("the cell simulation has its own clients: base.client_count must be 0")
         if self.client_count < 1:
             raise ValueError("client_count must be at least 1")
-        if self.session_lease_ms <= 0 or self.lock_delay_ms < 0:
-            raise ValueError("session_lease_ms must be positive and lock_delay_ms non-negative")
+        if self.session_lease_ms <= 0 or self.lock_delay_ms < 0 or self.grace_ms < 0:
+            raise ValueError("session_lease_ms must be positive, lock_delay_ms and grace_ms non-negative")
+        if self.unsafe_cache not in UNSAFE_CACHE_MODES:
+            raise ValueError(f"unsafe_cache must be one of {UNSAFE_CACHE_MODES}, not {self.unsafe_cache!r}")
 
 
 def _describe(exc: BaseException) -> str:
@@ -113,11 +127,17 @@ class CellSimNode(SimNode):
         incarnation = self.incarnation
         checker = self.cluster.lock_checker
         sm = CellStateMachine()
-        return CheckedStateMachine(
-            sm,
-            lambda index, command, result: checker.on_apply(self.id, incarnation, index, command, result, sm),
-            lambda: checker.on_restore(self.id, incarnation, sm),
-        )
+
+        def applied(index: int, command: bytes, result: Any) -> None:
+            checker.on_apply(self.id, incarnation, index, command, result, sm)
+            cache_checker = self.cluster.cache_checker
+            cache_checker.on_apply(index, result.events)
+            service = self.service
+            if service is not None and service.epoch and result.events:
+                # The master has just queued these events as items (in _on_apply).
+                cache_checker.on_master_queued(service.epoch, index, result.events, service.cache.pending)
+
+        return CheckedStateMachine(sm, applied, lambda: checker.on_restore(self.id, incarnation, sm))
 
     async def _run(self, node: RaftNode, scope: trio.CancelScope, incarnation: int) -> None:
         cluster = self.cluster
@@ -127,6 +147,8 @@ class CellSimNode(SimNode):
             session_lease_ms=cfg.session_lease_ms, clock_ms=self.clock_ms,
             secret_source=cluster.rng.fresh(f"secret-{self.id}-{incarnation}").randbytes,
         )
+        if cfg.registry_fix:
+            service.cache = FixedCacheRegistry()
         self.service = service
         async with trio.open_nursery() as nursery:
             self._service_scope = nursery.cancel_scope
@@ -152,6 +174,16 @@ class CellSimNode(SimNode):
         reply = await self._handle(service, packet.body)
         await self._running.wait()
         if self.incarnation == incarnation and self.raft is node:
+            op = packet.body.get("op")
+            if op in ("set_contents", "delete") and "error" not in reply:
+                self.cluster.check_write_ack(self, packet.body, reply)
+            elif op == "keep_alive" and "error" not in reply:
+                session_id = packet.body["session_id"]
+                self.cluster.check_renewal(self, packet.frm - CLIENT_ENDPOINT_BASE, session_id)
+                # White-box, for the write-acknowledgement check: the lease end
+                # this reply grants, in the master's stamped time.
+                session = node.state_machine.sm.sessions.get(session_id)
+                reply = {**reply, SIM_LEASE_END: 0 if session is None else session.lease_end_ms}
             self.cluster.links.reply(self.id, packet, reply)
 
     async def _handle(self, service: CellService, request: dict) -> dict:
@@ -194,6 +226,7 @@ class CellSimCluster(SimCluster):
                  trace_sink: Callable[[str], None] | None = None) -> None:
         self.cell_config = config
         self.lock_checker = LockSafetyChecker()
+        self.cache_checker = CacheChecker()
         self.resource = FencedResource(fencing=config.fencing)
         super().__init__(config.base, seed, trace_sink=trace_sink)
         self.links = ClientLinks(config.links, self.rng.stream("client-links"), on_deliver=self._on_rpc)
@@ -217,11 +250,61 @@ class CellSimCluster(SimCluster):
     def session_ended_in_cell(self, session_id: int) -> bool:
         return self.lock_checker.session_ended(session_id)
 
+    # ---- white-box cache and session checks (checkers/cache.py) ------------------------
+
+    def check_write_ack(self, node: CellSimNode, request: dict, reply: dict) -> None:
+        """`node` is about to acknowledge a write: nobody may still serve the
+        node's old state from its cache unless it lost its lease."""
+        assert node.raft is not None
+        sm = node.raft.state_machine.sm
+        if request["op"] == "set_contents":
+            instance, generation = reply["value"]["instance"], reply["value"]["content_generation"]
+        else:
+            instance, generation = request["handle"][2], None
+        now = trio.current_time()
+        cachers = [(f"c{client.index}", session.id, session.cached_entries(), session.cache_usable(now),
+                    session.master_lease_end_ms)
+                   for client in self.chubby_clients for session in (client.session,) if session is not None]
+        before = len(self.cache_checker.violations)
+        self.cache_checker.on_write_ack(f"n{node.id} at {now:.4f}s", instance, generation, node.clock_ms(),
+                                        cachers)
+        service = node.service
+        if len(self.cache_checker.violations) > before and service is not None:
+            # Diagnose the known registry bug (docs/simulation.md, findings):
+            # an earlier modification still waits for this cacher's ack.
+            waited = {sid for mod in service.cache._mods.values() for sid in mod.waiting}
+            stale = self.cache_checker.violations[before:]
+            self.cache_checker.violations[before:] = [
+                v + f" [{EARLIER_WAIT_FINDING}]" if any(f"session {sid} " in v for sid in waited) else v
+                for v in stale]
+
+    def check_renewal(self, node: CellSimNode, client_index: int, session_id: int) -> None:
+        """`node` is about to renew the session: the locks its client believes
+        it holds are still its there."""
+        assert node.raft is not None
+        sm = node.raft.state_machine.sm
+        client = self.chubby_clients[client_index]
+        holding = client.holding
+        if client.session_id != session_id or holding is None:
+            return
+        held = [(holding.path, holding.ref[0])]
+
+        def holders_of(path: str) -> Any:
+            lock_node = sm.nodes.get(sm.by_path.get(path, -1))
+            return None if lock_node is None else lock_node.lock.holders.keys()
+
+        self.cache_checker.on_renewed(f"c{client.index}", session_id, f"n{node.id} at {trio.current_time():.4f}s",
+                                      held, holders_of)
+
     def check(self) -> list[str]:
         problems = super().check()
         problems += self.lock_checker.check_history()
         problems += self.resource.check(self.lock_checker.granted)
         problems += self.false_expiries
+        for client in self.chubby_clients:
+            for session in client.sessions:
+                self.cache_checker.check_events(session.id, session.delivered, f"c{client.index}")
+        problems += self.cache_checker.violations
         report = check_operations(CellFileModel(), self.cell_history.operations(),
                                   max_steps=self.config.wgl_max_steps)
         if report.result is CheckResult.ILLEGAL:

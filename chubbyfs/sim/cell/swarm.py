@@ -63,14 +63,16 @@ class CellScenario:
         c = self.config
         net, links = c.base.network, c.links
         return (f"seed={self.seed} cell nodes={c.base.node_count} clients={c.client_count} "
-                f"lease={c.session_lease_ms}ms lock_delay={c.lock_delay_ms}ms fencing={c.fencing} "
+                f"lease={c.session_lease_ms}ms grace={c.grace_ms}ms lock_delay={c.lock_delay_ms}ms fencing={c.fencing} "
+                f"{f'unsafe_cache={c.unsafe_cache} ' if c.unsafe_cache else ''}{'registry_fix ' if c.registry_fix else ''}"
                 f"safety={self.safety_seconds:.2f}s max_messages={self.max_messages} "
                 f"delay={net.delay_floor_seconds:.4f}+exp({net.delay_mean_seconds:.4f}) loss={net.loss_probability} "
                 f"dup={net.duplicate_probability} links={links.delay_floor_seconds:.4f}+"
                 f"exp({links.delay_mean_seconds:.4f}) loss={links.loss_probability} faults={len(self.plan)}")
 
 
-def generate_cell(seed: int, *, fencing: bool = True, kinds: tuple[str, ...] = FAULT_KINDS) -> CellScenario:
+def generate_cell(seed: int, *, fencing: bool = True, kinds: tuple[str, ...] = FAULT_KINDS,
+                  unsafe_cache: str = "", registry_fix: bool = False) -> CellScenario:
     raft = generate(seed, base=replace(CellSimConfig().base), kinds=kinds)
     rng = SimRandom(seed).stream("cell-swarm")
     lease_ms = rng.choice([500, 800, 1200])
@@ -89,6 +91,10 @@ def generate_cell(seed: int, *, fencing: bool = True, kinds: tuple[str, ...] = F
         clock_offset_max_ms=rng.choice([0, 10, 40]),
         links=links,
         fencing=fencing,
+        # A separate stream, so the draws above stay what they were.
+        grace_ms=SimRandom(seed).stream("cell-grace").choice([lease_ms, 2 * lease_ms, 4 * lease_ms]),
+        unsafe_cache=unsafe_cache,
+        registry_fix=registry_fix,
     )
     safety_seconds = raft.safety_seconds + 1.0
     clients = list(range(config.client_count))
@@ -139,9 +145,14 @@ async def run_client_plan(cluster: CellSimCluster, plan: list[ClientFault]) -> N
 async def simulate_cell(scenario: CellScenario, trace_sink: Callable[[str], None] | None = None) -> SimResult:
     async with open_cell_cluster(scenario.config, scenario.seed, trace_sink=trace_sink) as cluster:
         cluster.log(scenario.describe())
-        await _safety_phase(cluster, scenario)
-        await cluster.liveness_phase()
-        await cell_liveness(cluster)
+        async with trio.open_nursery() as sessions:
+            # KeepAlives and lease timers run through both phases.
+            for client in cluster.chubby_clients:
+                client.start_session_tasks(sessions)
+            await _safety_phase(cluster, scenario)
+            await cluster.liveness_phase()
+            await cell_liveness(cluster)
+            sessions.cancel_scope.cancel()
         cluster.log("liveness phase over")
     cluster.cell_history.close_pending(trio.current_time())
     violations = cluster.check()
@@ -152,7 +163,10 @@ async def simulate_cell(scenario: CellScenario, trace_sink: Callable[[str], None
         client_stats.update(client.stats)
     stats.update(client_stats)
     stats.update(cluster.resource.statistics())
+    checker = cluster.cache_checker
     stats.update(
+        hits_checked=checker.hits_checked, acks_checked=checker.acks_checked,
+        renewals_checked=checker.renewals_checked, events_checked=checker.events_checked,
         ops=len(cluster.cell_history.events) // 2,
         elections=cluster.checker.elections,
         crashes=sum(n.crashes for n in cluster.nodes.values()),
@@ -192,7 +206,6 @@ async def _run_clients(scope: trio.CancelScope, cluster: CellSimCluster, stop: t
         async with trio.open_nursery() as nursery:
             for client in cluster.chubby_clients:
                 nursery.start_soon(client.run_workload, stop)
-                nursery.start_soon(client.keep_alive_loop)
 
 
 async def _run_plans(scope: trio.CancelScope, cluster: CellSimCluster, scenario: CellScenario) -> None:
@@ -203,28 +216,30 @@ async def _run_plans(scope: trio.CancelScope, cluster: CellSimCluster, scenario:
 
 
 async def cell_liveness(cluster: CellSimCluster) -> None:
-    """After healing: every client gets a (new or kept) session and a
-    KeepAlive through within the bound."""
+    """After healing: every client gets a (new or kept) session that its
+    KeepAlive loop renews within the bound."""
     deadline = trio.current_time() + cluster.cell_config.liveness_seconds
     cluster.links.heal()
+    renewals = {c.session.id: c.session.renewals for c in cluster.chubby_clients if c.session is not None}
     for client in cluster.chubby_clients:
         while True:
             if trio.current_time() >= deadline:
                 cluster.violations.append(f"liveness: client c{client.index} has no working session after healing")
                 return
             if await client.ensure_session():
-                reply = await client.call("keep_alive", mutating=False, session_id=client.session_id)
-                if reply.kind == "ok":
+                session = client.session
+                if (session is not None and session.renewals > renewals.get(session.id, 0)
+                        and session.safe(trio.current_time())):
                     break
-                if reply.kind == "error" and reply.code == "session_expired":
-                    client.lose_session("expired before the liveness check")
             await trio.sleep(0.05)
 
 
 def run_cell_sim(seed: int, scenario: CellScenario | None = None, *, fencing: bool = True,
+                 unsafe_cache: str = "", registry_fix: bool = False,
                  trace_sink: Callable[[str], None] | None = None) -> SimResult:
     """Run one seed deterministically (its swarm scenario unless one is given)."""
-    scenario = scenario or generate_cell(seed, fencing=fencing)
+    scenario = scenario or generate_cell(seed, fencing=fencing, unsafe_cache=unsafe_cache,
+                                         registry_fix=registry_fix)
     budget = scenario.safety_seconds + scenario.config.base.liveness_seconds + scenario.config.liveness_seconds + 30.0
     try:
         return run_deterministic(simulate_cell, scenario, trace_sink, seed=seed, timeout_seconds=budget)

@@ -17,6 +17,10 @@ The cell simulation calls `on_apply` after every apply on every replica
 - P6: an ended session owns nothing and never comes back; an ephemeral file
   exists only while it has an open handle of a live session, and one that
   vanished without a Delete lost all its handles in that same apply.
+- P5/P6 lease: a session that ends other than by its own EndSession (it
+  expired, so its locks go to others after lock-delay) ends only once the
+  apply's stamped time has reached the lease end the replica knew before
+  that apply: a session is never taken away before its lease.
 
 Pure: no trio, no clock; the state machine is read, never changed.
 """
@@ -27,7 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from ...cell.commands import Delete, MalformedCommand, Rename, decode_command
+from ...cell.commands import Delete, EndSession, MalformedCommand, Rename, decode_command
 from ...cell.state_machine import CellStateMachine, InvariantViolation
 from ...locks import LockMode
 
@@ -86,6 +90,7 @@ class LockSafetyChecker:
         self.max_violations = max_violations
         self._views: dict[tuple[int, int], dict[int, _LockView]] = {}
         self._ended: dict[tuple[int, int], set[int]] = defaultdict(set)
+        self._leases: dict[tuple[int, int], dict[int, int]] = {}  # replica -> session -> lease end
         self.grants: dict[int, tuple[Grant, ...]] = {}  # index -> grants, first replica to apply it
         self.releases: dict[int, tuple[SessionEndRelease, ...]] = {}
         self.applies_checked = 0
@@ -102,6 +107,7 @@ class LockSafetyChecker:
         key = (node_id, incarnation)
         self._views[key] = _view(sm)
         self._ended[key] = set()
+        self._leases[key] = {sid: session.lease_end_ms for sid, session in sm.sessions.items()}
         self._check_state(node_id, sm, f"n{node_id} after restore")
 
     def on_apply(self, node_id: int, incarnation: int, index: int, command: bytes, result: Any,
@@ -114,6 +120,7 @@ class LockSafetyChecker:
         self._views[key] = after
         self._check_state(node_id, sm, where)
         self._check_sessions(key, sm, result, where)
+        self._check_expiries(key, command, sm, result, where)
         self._check_ephemerals(before, after, command, sm, where)
         grants = self._grants(before, after, index, sm, where)
         releases = self._session_end_releases(before, result, index, sm)
@@ -150,6 +157,25 @@ class LockSafetyChecker:
                 self._violate(f"P6 at {where}: handle {handle.handle_id} of ended session "
                               f"{handle.session_id} survived")
                 break
+
+    def _check_expiries(self, key: tuple[int, int], command: bytes, sm: CellStateMachine, result: Any,
+                        where: str) -> None:
+        before = self._leases.get(key, {})
+        self._leases[key] = {sid: session.lease_end_ms for sid, session in sm.sessions.items()}
+        ended = getattr(result, "ended_sessions", ())
+        if not ended:
+            return
+        try:
+            cmd = decode_command(command)
+        except MalformedCommand:
+            cmd = None
+        for session_id in ended:
+            if isinstance(cmd, EndSession) and cmd.session_id == session_id:
+                continue
+            lease_end = before.get(session_id)
+            if lease_end is not None and sm.now_ms < lease_end:
+                self._violate(f"P5 early expiry at {where}: session {session_id} ended at stamped {sm.now_ms} ms, "
+                              f"before its lease end {lease_end} ms")
 
     def _check_ephemerals(self, before: dict[int, _LockView], after: dict[int, _LockView], command: bytes,
                           sm: CellStateMachine, where: str) -> None:
