@@ -1228,6 +1228,12 @@ class ChubbyOperations(Operations):
             for slot in f.locks.values():
                 assert slot.mode is None or slot.handle is not None
                 assert (slot.mode is None) == (slot.sequencer is None)
+            assert not f.borrowed or (f.handle is not None and f.us is not None and not f.writable)
+            assert not f.keep_cache or (f.borrowed and f.ino in self._paged)
+        assert self._negative_count == sum(len(names) for names in self._negatives.values())
+        assert all(count > 0 for count in self._busy_dirs.values())
+        for us in self.pool.all():
+            us.reads.assert_invariants()
 
 
 def _parse_int(text: str, low: int, high: int) -> int:

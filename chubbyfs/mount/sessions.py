@@ -125,6 +125,12 @@ class ReadHandles:
     def borrowed(self) -> int:
         return sum(self._borrowers.values())
 
+    def assert_invariants(self) -> None:
+        assert len(self._handles) <= self.capacity
+        assert all(count > 0 for count in self._borrowers.values())
+        assert self._retired <= set(self._borrowers), "a retired handle nobody borrows was not closed"
+        assert all(h.path == path for path, h in self._handles.items())
+
     async def _close(self, handle: Handle) -> None:
         with trio.CancelScope(shield=True):
             try:
