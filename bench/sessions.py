@@ -576,7 +576,7 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path) -> dict:
 
     idle = []
     for n in args.sessions:
-        cell, leader, addresses = start_cell(f"idle{n}")
+        cell, leader, addresses = start_cell(f"chubbyfs-idle{n}")
         try:
             log(f"chubbyfs: 3 replicas up, master {leader}; creating {n} sessions")
             specs = [{"kind": "chubbyfs-idle", "cell": cell.name, "addresses": addresses, "sessions": k}
@@ -592,7 +592,7 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path) -> dict:
             raise
         finally:
             cell.stop_all()
-    cell, leader, addresses = start_cell("reads")
+    cell, leader, addresses = start_cell("chubbyfs-reads")
     try:
         spec = {"kind": "chubbyfs-reads", "cell": cell.name, "addresses": addresses, "path": "/ls/bench/f"}
 
@@ -631,7 +631,7 @@ def bench_zookeeper(args: argparse.Namespace, workdir: Path) -> dict:
 
     idle = []
     for n in args.sessions:
-        ensemble, leader = start_ensemble(f"idle{n}")
+        ensemble, leader = start_ensemble(f"zookeeper-idle{n}")
         try:
             log(f"zookeeper {version}: 3 servers up, leader {leader}; opening {n} sessions")
             hosts = [["127.0.0.1", ensemble.client_ports[s]] for s in ensemble.servers]
@@ -642,7 +642,7 @@ def bench_zookeeper(args: argparse.Namespace, workdir: Path) -> dict:
             log(f"zookeeper {n} sessions: {point.cpu_percent_all:.1f}% CPU (leader {point.cpu_percent_leader:.1f}%)")
         finally:
             ensemble.stop_all()
-    ensemble, leader = start_ensemble("reads")
+    ensemble, leader = start_ensemble("zookeeper-reads")
     try:
         spec = {"kind": "zookeeper-reads", "hosts": f"127.0.0.1:{ensemble.client_ports[leader]}",
                 "path": "/bench/f"}

@@ -52,7 +52,7 @@ from chubbyfs.locks import LockMode
 from chubbyfs.raft.node import ProposalLostError, ProposalOutcomeUnknownError, RaftNode
 from chubbyfs.raft.rawnode import NotLeaderError, ProposalDroppedError
 from chubbyfs.raft.types import Role
-from chubbyfs.wire.cell_protocol import HANDLE_OPS, OPEN_FIELDS, value_to_wire
+from chubbyfs.wire.cell_protocol import HANDLE_OPS, OPEN_FIELDS, STALE_EPOCH, value_to_wire
 
 from . import commands as c
 from . import names
@@ -409,7 +409,7 @@ class CellService:
             return
         epoch = _int(req, "epoch")
         if epoch < self.epoch:
-            raise CellError("stale_epoch", f"request of master epoch {epoch}; this master's is {self.epoch}",
+            raise CellError(STALE_EPOCH, f"request of master epoch {epoch}; this master's is {self.epoch}",
                             epoch=self.epoch)
         if epoch > self.epoch:
             raise NotLeaderError(self.node.leader if self.node.role != Role.LEADER else None)

@@ -39,7 +39,7 @@ from typing import Any, AsyncIterator, Literal
 import trio
 
 from chubbyfs.cell.config import load_cells_file
-from chubbyfs.wire.cell_protocol import ITEM_INVALIDATE, Stat
+from chubbyfs.wire.cell_protocol import ITEM_INVALIDATE, STALE_EPOCH, Stat
 
 from chubbyfs._trio_util import single_errors
 
@@ -186,7 +186,7 @@ class Session:
                     self.core.master_says_expired(trio.current_time() * 1000)
                     self._publish()
                     raise SessionExpiredError(exc.code, exc.message) from None
-                if exc.code != "stale_epoch":
+                if exc.code != STALE_EPOCH:
                     raise
             # A newer master that we have not heard from yet refused the call
             # unexecuted: wait for our KeepAlive to bring its fail-over, then

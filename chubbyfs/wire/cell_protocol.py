@@ -8,6 +8,11 @@ its 6-element array), so the client needs none of the cell's classes.
 Error codes are the cell's ErrorCode names in lower case (`not_found`,
 `stale_handle`, `permission_denied`, ...), plus the transport-level ones the
 connection layer handles itself (`not_leader`, `retry`, `timeout`, ...).
+
+Master epochs: any request but `keep_alive` and `end_session` may carry
+`epoch`, the master epoch its client last heard of. A master with a newer
+epoch refuses it unexecuted with `stale_epoch` (the reply's `epoch` is the
+master's); one with an older epoch answers `not_leader`.
 """
 
 from __future__ import annotations
@@ -40,8 +45,12 @@ ITEM_MASTER_FAILOVER = 128  # a new master: flush the whole cache, events may be
 ITEM_EVENTS_LOST = 256  # the session fell too far behind: flush everything
 # Optional request fields: `keep_alive` takes `ack` (last seq processed; a
 # KeepAlive without it acks on delivery, for clients that neither cache nor
-# watch) and `ack_epoch`; read-only handle calls take `cache: true`, and their
-# reply then has `cacheable`, `seq`, `epoch` and `cache_path` beside `value`.
+# watch), `ack_epoch` and `handles` (ids of the handles the client holds,
+# sent after a fail-over: they are re-created at the new master, the others
+# do not keep ephemeral nodes alive); read-only handle calls take
+# `cache: true`, and their reply then has `cacheable`, `seq`, `epoch` and
+# `cache_path` beside `value`.
+STALE_EPOCH = "stale_epoch"
 
 OPEN_FIELDS = ("path", "intent", "create", "exclusive", "ephemeral", "contents", "acl", "events",
                "lock_delay_ms")
