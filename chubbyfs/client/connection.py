@@ -42,11 +42,30 @@ class CellUnavailableError(CellError):
     """No master answered within the call's deadline."""
 
 
+class _ReplySlot:
+    """Where one request's reply lands (None: the connection was lost)."""
+
+    __slots__ = ("_event", "reply")
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self.reply: dict | None = None
+
+    def put(self, reply: dict | None) -> None:
+        if not self._event.is_set():
+            self.reply = reply
+            self._event.set()
+
+    async def wait(self) -> dict | None:
+        await self._event.wait()
+        return self.reply
+
+
 class _Link:
     def __init__(self, address: str, framed: FramedStream) -> None:
         self.address = address
         self.framed = framed
-        self.pending: dict[int, trio.MemorySendChannel] = {}
+        self.pending: dict[int, _ReplySlot] = {}
         self.alive = True
 
 
@@ -135,20 +154,25 @@ class CellConnection:
     async def _roundtrip(self, link: _Link, request: dict) -> dict:
         request_id = next(self._ids)
         request["id"] = request_id
-        send, receive = trio.open_memory_channel[dict](1)
-        link.pending[request_id] = send
+        slot = _ReplySlot()
+        link.pending[request_id] = slot
         try:
-            await link.framed.send(request)
-            try:
-                return await receive.receive()
-            except trio.EndOfChannel:
+            # Straight into the socket when it takes it (no task switch).
+            if not link.framed.send_nowait([request]):
+                await link.framed.flush()
+            reply = await slot.wait()
+            if reply is None:
                 exc = EOFError(f"connection to {link.address} lost")
                 exc.sent = True  # type: ignore[attr-defined]
-                raise exc from None
+                raise exc
+            return reply
         finally:
             link.pending.pop(request_id, None)
 
     async def _get_link(self) -> _Link:
+        link = self._link
+        if link is not None and link.alive and self._preferred in (None, link.address):
+            return link  # the common case, without taking the lock
         async with self._link_lock:
             link = self._link
             if link is not None and link.alive and (self._preferred in (None, link.address)):
@@ -185,13 +209,13 @@ class CellConnection:
                 reply = await link.framed.receive()
                 waiter = link.pending.pop(reply.get("id"), None) if isinstance(reply, dict) else None
                 if waiter is not None:
-                    waiter.send_nowait(reply)
+                    waiter.put(reply)
         except (OSError, EOFError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             link.alive = False
             for waiter in link.pending.values():
-                waiter.close()
+                waiter.put(None)
             link.pending.clear()
             if self._link is link:
                 self._link = None
