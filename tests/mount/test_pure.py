@@ -108,6 +108,29 @@ def test_rename_moves_the_subtree_in_one_cell_only() -> None:
     t.assert_invariants()
 
 
+def test_path_and_children_indexes_follow_moves_and_forgets() -> None:
+    # Invalidations name paths: the node at a path, and a directory's children.
+    t = InodeTable(["a"])
+    ino = {inst: t.node("a", inst, path, is_dir).ino for inst, path, is_dir in (
+        (2, "/ls/a/d", True), (3, "/ls/a/d/f", False), (4, "/ls/a/d/g", False), (5, "/ls/a/d/f/x", False))}
+    for i in ino.values():
+        t.ref(i)
+
+    def children(path: str) -> set[int]:
+        return {i.ino for i in t.children("a", path)}
+
+    assert children("/ls/a/d") == {ino[3], ino[4]} and children("/ls/a") == {ino[2]}
+    t.moved("a", "/ls/a/d/f", "/ls/a/d/h")
+    assert children("/ls/a/d") == {ino[3], ino[4]} and children("/ls/a/d/h") == {ino[5]}
+    assert t.by_path("a", "/ls/a/d/f") == [] and children("/ls/a/d/f") == set()
+    t.node("a", 4, "/ls/a/g", False)  # seen elsewhere: moved out of d
+    assert children("/ls/a/d") == {ino[3]} and children("/ls/a") == {ino[2], ino[4]}
+    t.forget(ino[3], 1)
+    assert children("/ls/a/d") == set() and t.by_path("a", "/ls/a/d/h") == []
+    assert {i.ino for i in t.of_cell("a")} == {ino[2], ino[4], ino[5]}
+    t.assert_invariants()
+
+
 # --------------------------------------------------------------- file buffers
 
 def buf(**kw) -> FileBuffer:
