@@ -27,8 +27,13 @@ class FrameError(Exception):
     """The peer sent bytes that are not a valid frame; drop the connection."""
 
 
+# One encoder for the process: msgpack.packb would build a new one per call,
+# and every message and reply passes through here.
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    return _PACKER.pack(obj)
 
 
 def unpack(data: bytes) -> Any:

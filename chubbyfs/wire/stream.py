@@ -96,13 +96,27 @@ class FramedStream:
     async def receive(self) -> Any:
         """The next frame; EOFError when the peer closed cleanly."""
         while not self._ready:
-            chunk = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+            chunk = await self._receive_chunk()
             if not chunk:
                 if self._decoder.pending_bytes():
                     raise EOFError("connection closed in the middle of a frame")
                 raise EOFError("connection closed")
             self._ready.extend(self._decoder.feed(chunk))
         return self._ready.popleft()
+
+    async def _receive_chunk(self) -> bytes:
+        if self._raw is None:
+            return await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+        # Wait first, then read: with one request in flight per peer the
+        # socket is nearly always empty when we come back, and a read that
+        # fails with EAGAIN (what receive_some tries first) costs a system
+        # call and an exception for nothing.
+        while True:
+            await trio.lowlevel.wait_readable(self._raw)
+            try:
+                return self._raw.recv(RECEIVE_CHUNK_BYTES)
+            except (BlockingIOError, InterruptedError):
+                continue
 
     def set_max_frame_bytes(self, max_frame_bytes: int) -> None:
         """Tighten the limit once the handshake says what kind of peer this is."""
