@@ -51,6 +51,7 @@ class Reply:
     code: str = ""
     node: int = 0  # the replica that answered
     fields: dict | None = None  # the whole reply (a cacheable read's `cacheable`, `seq`, ... beside `value`)
+    uncertain: bool = False  # an earlier attempt got no answer: it may still be applied later
 
 
 @dataclass
@@ -128,7 +129,7 @@ class ChubbyClient:
             reply = await links.call(self.endpoint, target, body, min(attempt, remaining))
             code = None if reply is None else reply.get("error")
             if reply is not None and code is None:
-                return Reply("ok", reply.get("value"), node=target, fields=reply)
+                return Reply("ok", reply.get("value"), node=target, fields=reply, uncertain=uncertain)
             if reply is None or code in _UNKNOWN_CODES:
                 if mutating:
                     uncertain = True
@@ -143,7 +144,7 @@ class ChubbyClient:
             if code in _RETRY_CODES:
                 await trio.sleep(0.02)
                 continue
-            return Reply("error", reply, code=code, node=target)
+            return Reply("error", reply, code=code, node=target, uncertain=uncertain)
 
     # ---- sessions ------------------------------------------------------------------------
 
@@ -582,10 +583,10 @@ class ChubbyClient:
         if roll < 0.7:
             reply = await self.call("release", mutating=True, retry_unknown=True, session_id=self.session_id,
                                     handle=holding.ref)
-            if reply.kind != "ok":
-                # A Release that may still arrive (delayed at a master that
-                # is taking over) would release a later Acquire on this
-                # handle: never acquire through it again.
+            if reply.kind != "ok" or reply.uncertain:
+                # A Release attempt that may still be applied (held at a
+                # master that is taking over) would release a later Acquire
+                # on this handle: never acquire through it again.
                 await self._close_handle(holding.ref)
                 self.lock_handles.pop(holding.path, None)
         elif roll < 0.9:

@@ -23,6 +23,7 @@ from ...cell.master import CellService, ObservedStateMachine
 from ...cell.state_machine import CellStateMachine
 from ...raft.node import NotLeaderError, ProposalLostError, ProposalOutcomeUnknownError, RaftNode
 from ...raft import ProposalDroppedError
+from ...wire.cell_protocol import ITEM_INVALIDATE
 from ..checkers.cache import CacheChecker
 from ..checkers.cell_nodes import CellFileModel
 from ..checkers.fencing import FencedResource
@@ -39,9 +40,9 @@ CELL_NAME = "sim"
 # A KeepAlive reply field only the simulation adds (see `_answer`).
 SIM_LEASE_END = "sim_lease_end_ms"
 # Marks a P9 violation whose cause is the cache registry bug found by this
-# simulation: a second change of a path does not wait for a cacher that has
-# not yet acknowledged the first change's invalidation.
-EARLIER_WAIT_FINDING = "earlier modification still waiting on this cacher"
+# simulation (finding 3): a change of a path does not wait for a cacher that
+# has not yet acknowledged an earlier invalidation of it.
+EARLIER_WAIT_FINDING = "the master still holds an unacknowledged invalidation for this cacher"
 CELL_ROOT = f"/ls/{CELL_NAME}"
 PRINCIPAL = "sim"
 
@@ -270,9 +271,11 @@ class CellSimCluster(SimCluster):
                                         cachers)
         service = node.service
         if len(self.cache_checker.violations) > before and service is not None:
-            # Diagnose the known registry bug (docs/simulation.md, findings):
-            # an earlier modification still waits for this cacher's ack.
+            # Diagnose the known registry bug (docs/simulation.md, finding 3):
+            # the master moved on while this cacher's invalidation was unacknowledged.
             waited = {sid for mod in service.cache._mods.values() for sid in mod.waiting}
+            waited |= {client.session.id for client in self.chubby_clients if client.session is not None
+                       and any(item.kind == ITEM_INVALIDATE for item in service.cache.pending(client.session.id))}
             stale = self.cache_checker.violations[before:]
             self.cache_checker.violations[before:] = [
                 v + f" [{EARLIER_WAIT_FINDING}]" if any(f"session {sid} " in v for sid in waited) else v
