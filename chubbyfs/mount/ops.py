@@ -313,6 +313,7 @@ class ChubbyOperations(Operations):
         if self.inodes.get(req.nodeid) is None:
             # The kernel evicted the inode, and its pages and children with it.
             self._paged.discard(req.nodeid)
+            self._suspect.pop(req.nodeid, None)
             self._negative_count -= len(self._negatives.pop(req.nodeid, ()))
 
     async def getattr(self, ctx: RequestContext, req: rq.GetAttr) -> AttrOut:

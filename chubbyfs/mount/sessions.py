@@ -121,10 +121,6 @@ class ReadHandles:
         elif handle.stat.ephemeral:
             self._forget(handle.path, handle)
 
-    @property
-    def borrowed(self) -> int:
-        return sum(self._borrowers.values())
-
     def assert_invariants(self) -> None:
         assert len(self._handles) <= self.capacity
         assert all(count > 0 for count in self._borrowers.values())
