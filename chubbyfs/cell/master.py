@@ -38,6 +38,7 @@ carry the epoch they were made in.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import logging
@@ -81,6 +82,12 @@ PROPOSAL_TIMEOUT_S = 10.0
 # the Raft loop's heartbeats past the election timeout and start another
 # election. Bounded, the Raft loop gets its turn between small batches.
 KEEP_ALIVE_CONCURRENCY = 64
+# CPython's default collector thresholds (700, 10, 10) make full collections
+# frequent, and with 10,000 sessions (their held KeepAlives alone are some
+# 200,000 objects) each took 100-640 ms here: longer than the election
+# timeout, so the cell kept changing masters. Young collections every 10,000
+# allocations and rare full ones keep pauses short; cycles are freed later.
+SERVING_GC_THRESHOLDS = (10_000, 50, 1_000)
 CACHEABLE_OPS = ("get_contents_and_stat", "get_stat", "read_dir")
 
 _OP_CLASSES: dict[str, type] = {
@@ -234,6 +241,7 @@ class CellService:
     # ---- background: mastership, bootstrap, ticks -----------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        gc.set_threshold(*SERVING_GC_THRESHOLDS)  # process-wide: this process serves a cell
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._lease_batcher)
@@ -567,7 +575,7 @@ class CellService:
             self._renew_handles(session_id, handle_ids)
         received_ms = self.clock_ms()
         promised = self.sm.sessions[session_id].lease_end_ms
-        hold_until_ms = promised - self.keep_alive_margin_ms
+        hold_until_ms = promised - self.keep_alive_margin_ms - self._spread_ms(session_id)
         if hold and hold_until_ms > received_ms and not self.cache.has_pending(session_id):
             wake = self._keep_alive_wakeups.setdefault(session_id, trio.Event())
             if not self._holds or hold_until_ms < self._holds[0][0]:
@@ -611,6 +619,15 @@ class CellService:
             self._notify_cache()
         return {"session_id": session_id, "lease_ms": lease_ms, "held_ms": max(0, now - received_ms),
                 "epoch": self.epoch, "items": [item.to_wire() for item in items]}
+
+    def _spread_ms(self, session_id: int) -> int:
+        """A fixed offset per session, within one margin, by which its held
+        KeepAlive returns earlier. A takeover gives every session the same
+        lease end; without this, all their KeepAlives would return in one
+        burst every lease forever. With it they spread over the margin at
+        once, and their different periods keep them apart. Derived from the
+        id, not drawn, so that runs replay exactly."""
+        return (session_id * 2654435761 >> 16) % max(1, self.keep_alive_margin_ms)
 
     async def _hold_timer(self) -> None:
         """End each held KeepAlive when its time comes (an earlier wakeup,
