@@ -50,7 +50,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # the repository root, for `chubbyfs`
 
-from raft import cpu_seconds, json_header, machine_busy_seconds, percentile, top_functions  # noqa: E402
+from _workers import percentile, run_workers  # noqa: E402
+from raft import json_header, top_functions  # noqa: E402
 
 SYSTEMS = ("chubbyfs", "zookeeper", "etcd")
 VALUE = b"v" * 100
@@ -362,51 +363,14 @@ def handoff_stats(cycles: list[list[float]], t0: float, t1: float) -> tuple[list
 def run_point(system: str, workload: str, connect: dict, server_pids: list[int], clients: int,
               duration_s: float, profile: Callable[[], Any] | None = None) -> Point:
     base = workload.removesuffix("-shared")
-    workers = []
-    try:
-        for i in range(clients):
-            p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            spec = dict(connect, system=system, workload=base, shared=workload.endswith("-shared"),
-                        index=i, duration_s=duration_s)
-            p.stdin.write(json.dumps(spec) + "\n")
-            p.stdin.flush()
-            workers.append(p)
-        for p in workers:
-            line = p.stdout.readline()
-            if line.strip() != "ready":
-                raise RuntimeError(f"a {system} client worker failed to start (said {line!r}; its error is above)")
-        t0 = time.monotonic() + 0.3
-        t1 = t0 + duration_s
-        for p in workers:
-            p.stdin.write(json.dumps({"t0": t0, "t1": t1}) + "\n")
-            p.stdin.flush()
-        profiler = profile() if profile else None
-        time.sleep(max(0.0, t0 - time.monotonic()))
-        server0 = sum(cpu_seconds(pid) for pid in server_pids)
-        client0 = sum(cpu_seconds(p.pid) for p in workers)
-        busy0 = machine_busy_seconds()
-        time.sleep(max(0.0, t1 - time.monotonic()))
-        server1 = sum(cpu_seconds(pid) for pid in server_pids)
-        client1 = sum(cpu_seconds(p.pid) for p in workers)
-        busy1 = machine_busy_seconds()
-        results = []
-        for i, p in enumerate(workers):
-            line = p.stdout.readline()
-            if not line:
-                raise RuntimeError(f"a {system} client worker exited without results (its error is above)")
-            out = json.loads(line)
-            for c in out["cycles"]:
-                c.append(i)
-            results.append(out)
-            p.wait(timeout=60)
-        if profiler is not None:
-            profiler()
-    finally:
-        for p in workers:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    specs = [dict(connect, system=system, workload=base, shared=workload.endswith("-shared"),
+                  index=i, duration_s=duration_s) for i in range(clients)]
+    results, window = run_workers(__file__, specs, duration_s, {"servers": server_pids}, during=profile,
+                                  what=system + " client")
+    t0, t1 = window.t0, window.t1
+    for i, out in enumerate(results):
+        for c in out["cycles"]:
+            c.append(i)
     cycles = [c for r in results for c in r["cycles"]]
     gaps: list[float] = []
     violations = regrants = 0
@@ -419,15 +383,15 @@ def run_point(system: str, workload: str, connect: dict, server_pids: list[int],
     ops = len(latencies)
     conflicts = sum(r["conflicts"] for r in results)
     errors = sum(r["errors"] for r in results)
-    server_s, client_s = server1 - server0, client1 - client0
+    server_s = window.cpu_s["servers"]
     return Point(system=system, workload=workload, clients=clients, duration_s=duration_s, ops=ops,
                  ops_per_s=ops / duration_s,
                  p50_ms=percentile(latencies, 0.50) * 1e3, p99_ms=percentile(latencies, 0.99) * 1e3,
                  gap_p50_ms=percentile(gaps, 0.50) * 1e3, gap_p99_ms=percentile(gaps, 0.99) * 1e3,
                  exclusion_violations=violations, same_holder_regrants=regrants, conflicts=conflicts, conflicts_per_s=conflicts / duration_s,
                  server_cpu_ms_per_op=server_s / ops * 1e3 if ops else float("nan"),
-                 client_cpu_percent=client_s / duration_s * 100,
-                 other_cpu_percent=max(0.0, (busy1 - busy0) - server_s - client_s) / duration_s * 100,
+                 client_cpu_percent=window.cpu_s["workers"] / duration_s * 100,
+                 other_cpu_percent=window.other_cpu_s() / duration_s * 100,
                  errors=errors, first_error=next((r["first_error"] for r in results if r["first_error"]), ""))
 
 

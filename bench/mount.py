@@ -44,7 +44,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # the repository root, for `chubbyfs`
 
 import locks  # noqa: E402
-from raft import cpu_seconds, json_header, percentile, top_functions  # noqa: E402
+from _workers import Window, percentile, run_workers  # noqa: E402
+from raft import json_header, top_functions  # noqa: E402
 
 VALUE = b"v" * 100
 CELL = "bench"
@@ -124,45 +125,14 @@ class Row:
     note: str = ""
 
 
-def run_workers(specs: list[dict], duration_s: float, daemons: list[int], cell: list[int]) -> tuple[list[dict], dict]:
-    """Run one point: a worker per spec over one common window. Returns the
-    workers' results and the CPU seconds the daemons and the cell used in it."""
-    workers = []
-    try:
-        for spec in specs:
-            p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            p.stdin.write(json.dumps(spec) + "\n")
-            p.stdin.flush()
-            workers.append(p)
-        for p in workers:
-            if p.stdout.readline().strip() != "ready":
-                raise RuntimeError("a client worker failed to start (its error is above)")
-        t0 = time.monotonic() + 0.3
-        t1 = t0 + duration_s
-        for p in workers:
-            p.stdin.write(json.dumps({"t0": t0, "t1": t1}) + "\n")
-            p.stdin.flush()
-        time.sleep(max(0.0, t0 - time.monotonic()))
-        before = [sum(cpu_seconds(pid) for pid in pids) for pids in (daemons, cell)]
-        time.sleep(max(0.0, t1 - time.monotonic()))
-        after = [sum(cpu_seconds(pid) for pid in pids) for pids in (daemons, cell)]
-        results = []
-        for i, p in enumerate(workers):
-            line = p.stdout.readline()
-            if not line:
-                raise RuntimeError("a client worker exited without results (its error is above)")
-            out = json.loads(line)
-            for c in out.get("cycles", ()):
-                c.append(i)
-            results.append(out)
-            p.wait(timeout=60)
-    finally:
-        for p in workers:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return results, {"daemons_s": after[0] - before[0], "cell_s": after[1] - before[1], "t0": t0, "t1": t1}
+def measure(specs: list[dict], duration_s: float, daemons: list[int], cell: list[int]) -> tuple[list[dict], Window]:
+    """Run one point (bench/_workers.py); hand-off cycles are tagged with
+    their worker's index."""
+    results, window = run_workers(__file__, specs, duration_s, {"daemons": daemons, "cell": cell})
+    for i, out in enumerate(results):
+        for c in out.get("cycles", ()):
+            c.append(i)
+    return results, window
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -210,14 +180,14 @@ def read_rows(args: argparse.Namespace, cached: Path, tmpfs_file: Path, daemon: 
             if pinned:
                 pin(daemon.pid, {cpu})
             try:
-                results, cpu_used = run_workers([{"workload": "read", "path": str(path), "cpu": cpu}],
+                results, cpu_used = measure([{"workload": "read", "path": str(path), "cpu": cpu}],
                                                 args.duration, [daemon.pid], cell_pids)
             finally:
                 pin(daemon.pid, all_cpus)
             done = results[0]["iterations"]
             rate = done / results[0]["elapsed_s"]
             rows.append(Row("read", f"{name}, {label}", 1, rate,
-                            daemon_cpu_ms_per_op=cpu_used["daemons_s"] / done * 1e3 if name != "tmpfs" else math.nan))
+                            daemon_cpu_ms_per_op=cpu_used.cpu_s["daemons"] / done * 1e3 if name != "tmpfs" else math.nan))
             log(f"read  {name:<15} {label:<8}: {rate:9.0f} it/s")
     return rows
 
@@ -229,19 +199,19 @@ def handoff_rows(args: argparse.Namespace, lock_paths: list[Path], daemons: list
     if args.py_spy:
         profile = locks.start_profiler(args, master_pid, "mount-handoff-master")
     specs = [{"workload": "flock", "path": str(p), "cpu": None} for p in lock_paths]
-    results, cpu_used = run_workers(specs, args.duration, daemons, cell_pids)
+    results, cpu_used = measure(specs, args.duration, daemons, cell_pids)
     if profile is not None:
         profile()
     cycles = [c for r in results for c in r["cycles"]]
-    latencies, gaps, violations, _ = locks.handoff_stats(cycles, cpu_used["t0"], cpu_used["t1"])
+    latencies, gaps, violations, _ = locks.handoff_stats(cycles, cpu_used.t0, cpu_used.t1)
     latencies.sort()
     gaps.sort()
     n = len(latencies)
     errors = sum(r["errors"] for r in results)
     rows.append(Row("handoff", "chubbyfs, flock through two mounts", 2, n / args.duration,
                     percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3,
-                    percentile(gaps, 0.5) * 1e3, cpu_used["daemons_s"] / n * 1e3 if n else math.nan,
-                    cpu_used["cell_s"] / n * 1e3 if n else math.nan, violations,
+                    percentile(gaps, 0.5) * 1e3, cpu_used.cpu_s["daemons"] / n * 1e3 if n else math.nan,
+                    cpu_used.cpu_s["cell"] / n * 1e3 if n else math.nan, violations,
                     f"{errors} errors" if errors else ""))
     log(f"hand-off through two mounts: {n / args.duration:.0f}/s (violations {violations}, errors {errors})")
     # The same two contenders through the client library: the cell's own rate.
@@ -258,13 +228,13 @@ def write_rows(args: argparse.Namespace, directory: Path, daemons: list[int], ce
     rows = []
     for n in args.writers:
         specs = [{"workload": "write", "path": str(directory / f"w{i}"), "cpu": None} for i in range(n)]
-        results, cpu_used = run_workers(specs, args.duration, daemons, cell_pids)
+        results, cpu_used = measure(specs, args.duration, daemons, cell_pids)
         latencies = sorted(x for r in results for x in r["latencies_s"])
         done = len(latencies)
         rows.append(Row("write", f"{n} writer{'s' if n > 1 else ''}, own files", n, done / args.duration,
                         percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3,
-                        daemon_cpu_ms_per_op=cpu_used["daemons_s"] / done * 1e3 if done else math.nan,
-                        cell_cpu_ms_per_op=cpu_used["cell_s"] / done * 1e3 if done else math.nan))
+                        daemon_cpu_ms_per_op=cpu_used.cpu_s["daemons"] / done * 1e3 if done else math.nan,
+                        cell_cpu_ms_per_op=cpu_used.cpu_s["cell"] / done * 1e3 if done else math.nan))
         log(f"write {n} writer(s): {done / args.duration:.0f} files/s")
     return rows
 

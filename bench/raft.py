@@ -38,61 +38,17 @@ sys.path.insert(1, str(HERE.parent))  # the repository root, for `chubbyfs`
 
 import trio  # noqa: E402
 
+from _workers import percentile, run_workers  # noqa: E402
+
 VALUE = b"v" * 100
 # The failover writer's etcd client abandons an unanswered attempt after this
 # long (steady-state p99 is a few ms); it bounds how much a put lost with the
 # old leader inflates etcd's measured failover.
 FAILOVER_ATTEMPT_TIMEOUT_S = 0.2
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()  # comm may contain spaces
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
-
-
-def runqueue_wait_seconds(pid: int) -> float:
-    """Time the process's threads spent runnable but waiting for a CPU
-    (/proc/<pid>/task/*/schedstat, second field): how much other load on the
-    machine delayed it."""
-    total_ns = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return 0.0
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total_ns += int(f.read().split()[1])
-        except (FileNotFoundError, IndexError, ValueError):
-            continue  # the thread ended, or no schedstats in this kernel
-    return total_ns / 1e9
-
-
-def machine_busy_seconds() -> float:
-    """CPU time all cores spent busy (not idle or iowait), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    # guest time is already counted in user/nice; only the first 8 fields count
-    return (sum(fields[:8]) - idle) / CLK_TCK
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    rank = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[rank]
 
 
 # ---- worker process: the clients -------------------------------------------------------------
@@ -216,60 +172,23 @@ def run_point(system: str, spec_base: dict, server_pids: list[int], clients: int
               per_proc: int, run_id: str) -> Point:
     procs = max(1, math.ceil(clients / per_proc))
     sizes = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-    workers = []
-    for w, size in enumerate(sizes):
-        p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        spec = dict(spec_base, system=system, clients=size, prefix=f"{run_id}-c{clients}-w{w}")
-        p.stdin.write(json.dumps(spec) + "\n")
-        p.stdin.flush()
-        workers.append(p)
-    try:
-        for p in workers:
-            line = p.stdout.readline()
-            if line.strip() != "ready":
-                raise RuntimeError(f"a {system} client worker failed to start (said {line!r})")
-        t0 = time.monotonic() + 0.2
-        t1 = t0 + duration_s
-        for p in workers:
-            p.stdin.write(json.dumps({"t0": t0, "t1": t1}) + "\n")
-            p.stdin.flush()
-        time.sleep(max(0.0, t0 - time.monotonic()))
-        server0 = sum(cpu_seconds(pid) for pid in server_pids)
-        client0 = sum(cpu_seconds(p.pid) for p in workers)
-        busy0 = machine_busy_seconds()
-        wait0 = sum(runqueue_wait_seconds(pid) for pid in server_pids)
-        time.sleep(max(0.0, t1 - time.monotonic()))
-        server1 = sum(cpu_seconds(pid) for pid in server_pids)
-        client1 = sum(cpu_seconds(p.pid) for p in workers)
-        busy1 = machine_busy_seconds()
-        wait1 = sum(runqueue_wait_seconds(pid) for pid in server_pids)
-        latencies: list[float] = []
-        errors = 0
-        for p in workers:
-            line = p.stdout.readline()
-            if not line:
-                raise RuntimeError(f"a {system} client worker exited without results (its error is above)")
-            out = json.loads(line)
-            latencies += out["latencies_s"]
-            errors += out["errors"]
-            p.wait(timeout=30)
-    finally:
-        for p in workers:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    specs = [dict(spec_base, system=system, clients=size, prefix=f"{run_id}-c{clients}-w{w}")
+             for w, size in enumerate(sizes)]
+    results, window = run_workers(__file__, specs, duration_s, {"servers": server_pids},
+                                  start_delay_s=0.2, what=system + " client")
+    latencies = [x for out in results for x in out["latencies_s"]]
+    errors = sum(out["errors"] for out in results)
     latencies.sort()
     writes = len(latencies)
     return Point(clients=clients, writes=writes, duration_s=duration_s,
                  writes_per_s=writes / duration_s,
                  p50_ms=percentile(latencies, 0.50) * 1e3, p99_ms=percentile(latencies, 0.99) * 1e3,
-                 server_cpu_us_per_write=(server1 - server0) / writes * 1e6 if writes else float("nan"),
-                 server_cpu_percent=(server1 - server0) / duration_s * 100,
-                 client_cpu_percent=(client1 - client0) / duration_s * 100,
-                 other_cpu_percent=max(0.0, (busy1 - busy0) - (server1 - server0) - (client1 - client0))
-                 / duration_s * 100,
-                 server_runq_wait_us_per_write=(wait1 - wait0) / writes * 1e6 if writes else float("nan"),
+                 server_cpu_us_per_write=window.cpu_s["servers"] / writes * 1e6 if writes else float("nan"),
+                 server_cpu_percent=window.cpu_s["servers"] / duration_s * 100,
+                 client_cpu_percent=window.cpu_s["workers"] / duration_s * 100,
+                 other_cpu_percent=window.other_cpu_s() / duration_s * 100,
+                 server_runq_wait_us_per_write=(window.runq_wait_s["servers"] / writes * 1e6 if writes
+                                                else float("nan")),
                  client_procs=procs, errors=errors)
 
 
