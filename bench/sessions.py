@@ -48,7 +48,6 @@ import json
 import os
 import random
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,8 +60,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # the repository root, for `chubbyfs`
 
+from _workers import percentile, run_workers  # noqa: E402
 from locks import _counts, _no_nan, _num, _read_line, _ready, _report  # noqa: E402
-from raft import cpu_seconds, json_header, log, machine_busy_seconds, percentile  # noqa: E402
+from raft import json_header, log  # noqa: E402
 
 VALUE = b"v" * 100
 LEASE_MS = 12_000  # chubbyfs's default; ZooKeeper gets the same session timeout
@@ -164,7 +164,8 @@ async def _chubbyfs_idle_worker(spec: dict) -> None:
                     nursery.start_soon(make, i)
                     await trio.sleep(1 / CREATE_RATE_PER_S)
             _ready()
-            await trio.to_thread.run_sync(_read_line)  # the driver's "stop"
+            window = await trio.to_thread.run_sync(_read_line)
+            await trio.sleep(max(0.0, window["t1"] - time.monotonic()))
             sessions.cancel_scope.cancel()
     _report(stats.as_dict())
 
@@ -240,7 +241,8 @@ async def _zookeeper_idle_worker(spec: dict) -> None:
         while len(connected) < spec["sessions"]:
             await trio.sleep(0.05)
         _ready()
-        await trio.to_thread.run_sync(_read_line)
+        window = await trio.to_thread.run_sync(_read_line)
+        await trio.sleep(max(0.0, window["t1"] - time.monotonic()))
         nursery.cancel_scope.cancel()
     _report(stats.as_dict())
 
@@ -369,42 +371,6 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_workers(specs: list[dict]) -> list[subprocess.Popen]:
-    workers = []
-    for spec in specs:
-        p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        p.stdin.write(json.dumps(spec) + "\n")
-        p.stdin.flush()
-        workers.append(p)
-    for p in workers:
-        line = p.stdout.readline()
-        if line.strip() != "ready":
-            raise RuntimeError(f"a client worker failed to start (said {line!r}; its error is above)")
-    return workers
-
-
-def finish_workers(workers: list[subprocess.Popen], message: dict) -> list[dict]:
-    for p in workers:
-        p.stdin.write(json.dumps(message) + "\n")
-        p.stdin.flush()
-    results = []
-    for p in workers:
-        line = p.stdout.readline()
-        if not line:
-            raise RuntimeError("a client worker exited without results (its error is above)")
-        results.append(json.loads(line))
-        p.wait(timeout=60)
-    return results
-
-
-def stop_workers(workers: list[subprocess.Popen]) -> None:
-    for p in workers:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
 @dataclass
 class IdlePoint:
     system: str
@@ -424,40 +390,35 @@ class IdlePoint:
     other_cpu_percent: float  # machine CPU used by neither the servers nor the clients
 
 
-def measure_idle(system: str, n: int, args: argparse.Namespace, specs: list[dict], server_pids: list[int],
-                 leader_pid: int, status: Callable[[], dict]) -> IdlePoint:
-    """`status`: the master's replica status (empty for other systems)."""
-    term0 = status().get("term", 0)
-    workers = start_workers(specs)
-    try:
+def measure_idle(system: str, n: int, args: argparse.Namespace, specs: list[dict], leader_pid: int,
+                 follower_pids: list[int], status: Callable[[], dict]) -> IdlePoint:
+    """Workers bring up their sessions and say ready; the window starts
+    `--settle` s later. `status`: the master's replica status (chubbyfs)."""
+    marks: list[tuple[float, dict]] = [(time.monotonic(), status())]
+
+    def during() -> Callable[[], None]:
         log(f"{system}: {n} sessions up; settling {args.settle:g} s")
-        time.sleep(args.settle)
-        cpu0 = {pid: cpu_seconds(pid) for pid in server_pids}
-        clients0 = sum(cpu_seconds(p.pid) for p in workers)
-        busy0, index0, t0 = machine_busy_seconds(), status().get("commit", -1), time.monotonic()
-        time.sleep(args.window)
-        cpu1 = {pid: cpu_seconds(pid) for pid in server_pids}
-        clients1 = sum(cpu_seconds(p.pid) for p in workers)
-        busy1, index1, t1 = machine_busy_seconds(), status().get("commit", -1), time.monotonic()
-        rss = {pid: rss_mb(pid) for pid in server_pids}
-        results = finish_workers(workers, {"stop": True})
-    finally:
-        stop_workers(workers)
-    window, end = t1 - t0, status()
-    server_s = sum(cpu1[p] - cpu0[p] for p in server_pids)
-    renewals = sum(r["renewals"] for r in results)
+        marks.append((time.monotonic(), status()))
+        return lambda: marks.append((time.monotonic(), status()))
+
+    results, window = run_workers(__file__, specs, args.window, {"leader": [leader_pid], "followers": follower_pids},
+                                  start_delay_s=args.settle, during=during, what=system)
+    rss = {pid: rss_mb(pid) for pid in [leader_pid, *follower_pids]}
+    (_, first), (t_ready, ready), (t_end, end) = marks
+    server_s = window.cpu_s["leader"] + window.cpu_s["followers"]
+    commit0, commit1 = ready.get("commit", -1), end.get("commit", -1)
     return IdlePoint(
-        system=system, sessions=n, window_s=window,
-        cpu_percent_all=server_s / window * 100,
-        cpu_percent_leader=(cpu1[leader_pid] - cpu0[leader_pid]) / window * 100,
+        system=system, sessions=n, window_s=window.duration_s,
+        cpu_percent_all=server_s / window.duration_s * 100,
+        cpu_percent_leader=window.cpu_s["leader"] / window.duration_s * 100,
         rss_mb_all=sum(rss.values()), rss_mb_leader=rss[leader_pid],
-        renewals_per_s=renewals / (args.settle + window),
-        log_entries_per_s=(index1 - index0) / window if index0 >= 0 else float("nan"),
+        renewals_per_s=sum(r["renewals"] for r in results) / (t_end - t_ready),
+        log_entries_per_s=(commit1 - commit0) / (t_end - t_ready) if commit0 >= 0 else float("nan"),
         sessions_alive_at_end=end.get("master", {}).get("sessions", -1),
-        master_changes=end.get("term", 0) - term0,
+        master_changes=end.get("term", 0) - first.get("term", 0),
         errors=sum(r["errors"] for r in results), expired=sum(r["expired"] for r in results),
         first_error=next((r["first_error"] for r in results if r["first_error"]), ""),
-        other_cpu_percent=max(0.0, (busy1 - busy0) - server_s - (clients1 - clients0)) / window * 100)
+        other_cpu_percent=window.other_cpu_s() / window.duration_s * 100)
 
 
 def split_sessions(n: int) -> list[int]:
@@ -475,12 +436,7 @@ class ReadPoint:
 
 
 def measure_reads(label: str, spec: dict, duration_s: float) -> ReadPoint:
-    workers = start_workers([spec])
-    try:
-        t0 = time.monotonic() + 0.3
-        [result] = finish_workers(workers, {"t0": t0, "t1": t0 + duration_s})
-    finally:
-        stop_workers(workers)
+    [result], _ = run_workers(__file__, [spec], duration_s, {}, what=label)
     log(f"{label}: {result['reads_per_s']:.0f} reads/s")
     return ReadPoint(label, result["reads_per_s"], result["p50_us"], result["p99_us"], result["errors"])
 
@@ -581,8 +537,8 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path) -> dict:
             log(f"chubbyfs: 3 replicas up, master {leader}; creating {n} sessions")
             specs = [{"kind": "chubbyfs-idle", "cell": cell.name, "addresses": addresses, "sessions": k}
                      for k in split_sessions(n)]
-            pids = [p.pid for p in cell.procs.values()]
-            point = measure_idle("chubbyfs", n, args, specs, pids, cell.procs[leader].pid,
+            followers = [p.pid for rid, p in cell.procs.items() if rid != leader]
+            point = measure_idle("chubbyfs", n, args, specs, cell.procs[leader].pid, followers,
                                  lambda: master_status(cell))
             idle.append(point)
             log(f"chubbyfs {n} sessions: {point.cpu_percent_all:.1f}% CPU (master {point.cpu_percent_leader:.1f}%)")
@@ -636,8 +592,8 @@ def bench_zookeeper(args: argparse.Namespace, workdir: Path) -> dict:
             log(f"zookeeper {version}: 3 servers up, leader {leader}; opening {n} sessions")
             hosts = [["127.0.0.1", ensemble.client_ports[s]] for s in ensemble.servers]
             specs = [{"kind": "zookeeper-idle", "hosts": hosts, "sessions": k} for k in split_sessions(n)]
-            pids = [ensemble.pid(s) for s in ensemble.servers]
-            point = measure_idle("zookeeper", n, args, specs, pids, ensemble.pid(leader), dict)
+            followers = [ensemble.pid(s) for s in ensemble.servers if s != leader]
+            point = measure_idle("zookeeper", n, args, specs, ensemble.pid(leader), followers, dict)
             idle.append(point)
             log(f"zookeeper {n} sessions: {point.cpu_percent_all:.1f}% CPU (leader {point.cpu_percent_leader:.1f}%)")
         finally:
@@ -674,6 +630,10 @@ def bench_etcd(args: argparse.Namespace, workdir: Path) -> dict:
 
 # ---- output ---------------------------------------------------------------------------------------
 
+def _known(value: int) -> str:
+    return "-" if value < 0 else str(value)
+
+
 def format_table(results: dict, args: argparse.Namespace) -> str:
     versions = ", ".join(f"{s} {r['version']}" for s, r in results.items())
     election = "" if args.election_ms is None else f", chubbyfs election timeout {args.election_ms} ms"
@@ -690,8 +650,9 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
                 if p.sessions == n:
                     lines.append(f"{n:>8} {s:<9} | {p.cpu_percent_all:>6.1f}% {p.cpu_percent_leader:>6.1f}% "
                                  f"{p.rss_mb_all:>6.0f}MB {p.rss_mb_leader:>5.0f}MB {p.renewals_per_s:>8.0f} "
-                                 f"{_num(p.log_entries_per_s):>6} {p.sessions_alive_at_end:>6} {p.errors:>4} "
-                                 f"{p.expired:>4} {p.master_changes:>4} | {p.other_cpu_percent:>4.0f}%")
+                                 f"{_num(p.log_entries_per_s):>6} {_known(p.sessions_alive_at_end):>6} {p.errors:>4} "
+                                 f"{p.expired:>4} {_known(p.master_changes if s == 'chubbyfs' else -1):>4} | "
+                                 f"{p.other_cpu_percent:>4.0f}%")
     lines += ["", f"Reads of one 100-byte file, one client process, {args.reads_duration:g} s",
               f"{'system':<18} | {'reads/s':>9} {'p50 us':>8} {'p99 us':>8} {'err':>4} | {'x zk':>6}"]
     lines.append("-" * len(lines[-1]))
