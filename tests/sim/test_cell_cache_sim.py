@@ -389,3 +389,20 @@ def test_call_waiting_for_the_failover_ack_proceeds_when_it_arrives() -> None:
     out = run_deterministic(_call_after_failover, seed=9, timeout_seconds=60)
     assert out["reply"] is not None and "error" not in out["reply"], out
     assert out["after_failover_item"] < 0.2, out
+
+
+# ---- finding 6: a reply from a deposed master's older epoch resets the client's cache epoch ----------
+
+
+@pytest.mark.xfail(strict=True, reason="finding 6: ClientCache.start_epoch (client/cache_core.py) accepts an older "
+                                       "epoch, so a deposed master's late KeepAlive reply makes the session "
+                                       "re-deliver events out of order and lose its acknowledgements")
+def test_a_reply_from_an_older_epoch_does_not_reset_the_cache() -> None:
+    from chubbyfs.client.cache_core import ClientCache
+
+    cache = ClientCache()
+    cache.start_epoch(5)
+    cache.apply_item(1, ITEM_MASTER_FAILOVER, "")
+    cache.apply_item(2, 1, D0)  # an event of epoch 5
+    cache.start_epoch(4)  # a late reply from the master of epoch 4 (paused, not yet aware it was deposed)
+    assert (cache.epoch, cache.last_seq) == (5, 2)
