@@ -68,7 +68,7 @@ class Replica:
         )
         # Client connections with replies waiting to be written.
         self._unwritten: set[_ReplyOutbox] = set()
-        self.transport.deliver = self.node.deliver
+        self.transport.deliver = self.node.deliver_now
         self.transport.on_unreachable = self.node.raw.report_unreachable
         self.service: CellService | None = None
         if cell.state_machine == "chubby":

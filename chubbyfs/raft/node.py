@@ -181,6 +181,8 @@ class RaftNode:
         self._applied_changed = trio.Event()
         self._resumed = trio.Event()
         self._resumed.set()
+        self._running = False
+        self._failure: Exception | None = None  # raised by process_now, re-raised by run
         self.dropped_inbound = 0
         self.snapshots_restored = 0
 
@@ -318,6 +320,7 @@ class RaftNode:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         self._last_tick_at = trio.current_time()
+        self._running = True
         try:
             while True:
                 if not self._resumed.is_set():
@@ -326,28 +329,57 @@ class RaftNode:
                     with trio.move_on_at(self._last_tick_at + self.tick_seconds):
                         await self._wakeup.wait()
                 self._wakeup = trio.Event()
+                if self._failure is not None:
+                    raise self._failure
                 if not self._resumed.is_set():
                     continue
-                self._catch_up_ticks()
-                while True:
-                    try:
-                        msg = self._inbound_recv.receive_nowait()
-                    except trio.WouldBlock:
-                        break
-                    self.raw.step(msg)
-                while self.raw.has_ready():
-                    await self._handle_ready(self.raw.ready())
-                if self._after_ready is not None:
-                    self._after_ready()
+                self._process()
                 # Proposers and readers run while we wait for the next wakeup,
                 # so their requests batch into the next Ready (group commit);
                 # if it came already, yield once anyway for the same reason.
                 if self._wakeup.is_set():
                     await trio.lowlevel.checkpoint()
         finally:
+            self._running = False
             self._fail_all(NodeStoppedError(f"replica {self.id} stopped"))
 
-    async def _handle_ready(self, rd: Ready) -> None:
+    def deliver_now(self, msgs: list[Message]) -> None:
+        """Hand in messages that arrived together and handle them at once, in
+        the calling task: the same work as the Raft loop's, minus the switch
+        to it (in Python, a fair part of what a message costs). While the
+        node is paused or not running they wait for the loop instead. All of
+        it is synchronous, so it never interleaves with the loop; a failure
+        (a disk error, say) is passed to the loop, which raises it, rather
+        than to the caller."""
+        if not self._running or not self._resumed.is_set() or self._failure is not None:
+            for msg in msgs:
+                self.deliver(msg)
+            return
+        for msg in msgs:
+            try:
+                self._inbound_send.send_nowait(msg)
+            except trio.WouldBlock:
+                self.dropped_inbound += 1
+        try:
+            self._process()
+        except Exception as exc:
+            self._failure = exc
+            self._wakeup.set()
+
+    def _process(self) -> None:
+        self._catch_up_ticks()
+        while True:
+            try:
+                msg = self._inbound_recv.receive_nowait()
+            except trio.WouldBlock:
+                break
+            self.raw.step(msg)
+        while self.raw.has_ready():
+            self._handle_ready(self.raw.ready())
+        if self._after_ready is not None:
+            self._after_ready()
+
+    def _handle_ready(self, rd: Ready) -> None:
         if rd.soft_state is not None:
             self._on_soft_state(rd.soft_state.role, rd.soft_state.leader)
         # A leader may replicate its new entries while it writes them itself

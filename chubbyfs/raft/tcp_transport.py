@@ -55,7 +55,8 @@ class TcpTransport:
         self.cell = cell
         self.queue_limit = queue_limit
         self.on_unreachable = on_unreachable or (lambda peer: None)
-        self.deliver: Callable[[Message], None] = lambda msg: None
+        # Gets each batch of messages that arrived together (RaftNode.deliver_now).
+        self.deliver: Callable[[list[Message]], None] = lambda msgs: None
         self._peers = {pid: _Peer(pid, addr) for pid, addr in peers.items() if pid != node_id}
         self._nursery: trio.Nursery | None = None
 
@@ -147,6 +148,7 @@ class TcpTransport:
 
     async def serve_inbound(self, framed: FramedStream, handshake: dict) -> None:
         """Read a peer's messages until it disconnects (called by the listener)."""
+        batch: list[Message] = []
         while True:
             try:
                 obj = await framed.receive()
@@ -158,7 +160,10 @@ class TcpTransport:
                 log.warning("replica %s sent a malformed message: %s", handshake.get("from"), exc)
                 return
             if msg.to == self.node_id:
-                self.deliver(msg)
+                batch.append(msg)
+            if batch and not framed.has_buffered_frames:
+                self.deliver(batch)
+                batch = []
 
     def statistics(self) -> dict:
         return {pid: {"queued": len(p.queue), "dropped": p.dropped} for pid, p in self._peers.items()}

@@ -45,6 +45,11 @@ class FramedStream:
         return cls(trio.SocketStream(trio.socket.from_stdlib_socket(raw)), max_frame_bytes, raw_socket=raw)
 
     @property
+    def has_buffered_frames(self) -> bool:
+        """Whether `receive` has frames ready without reading the socket."""
+        return bool(self._ready)
+
+    @property
     def has_backlog(self) -> bool:
         return bool(self._backlog)
 
