@@ -1,0 +1,112 @@
+"""RaftNode.deliver_now: messages a transport read together are handled in
+the reading task, at once; a paused node leaves them for the loop; a failure
+surfaces in the loop, not in the transport's task."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+
+from chubbyfs.raft import Config, Entry, MemoryStorage, Message, MessageType
+from chubbyfs.raft.node import RaftNode, bootstrap_storage
+
+
+class _Outbox:
+    def __init__(self) -> None:
+        self.queued: list[Message] = []
+        self.sent: list[Message] = []
+
+    def send(self, msg: Message) -> None:
+        self.queued.append(msg)
+
+    def flush(self) -> None:
+        self.sent += self.queued
+        self.queued = []
+
+
+class _Applied:
+    def __init__(self) -> None:
+        self.commands: list[bytes] = []
+
+    def apply(self, index: int, command: bytes) -> None:
+        self.commands.append(command)
+
+    def query(self, query: object) -> None:
+        return None
+
+    def snapshot(self) -> bytes:
+        return b""
+
+    def restore(self, data: bytes) -> None:
+        self.commands = []
+
+
+def _follower(storage: MemoryStorage | None = None) -> tuple[RaftNode, _Outbox, _Applied]:
+    storage = storage or MemoryStorage()
+    bootstrap_storage(storage, [1, 2, 3])
+    outbox, applied = _Outbox(), _Applied()
+    node = RaftNode(config=Config(id=2), storage=storage, transport=outbox, state_machine=applied,
+                    rng=random.Random(2))
+    return node, outbox, applied
+
+
+def _append_from_leader(node: RaftNode, data: bytes, *, commit: int) -> Message:
+    last = node.raw.status().last_index
+    return Message(type=MessageType.APPEND, to=2, frm=1, term=2, log_term=1, index=last,
+                   entries=(Entry(term=2, index=last + 1, data=data),), commit=commit)
+
+
+async def test_messages_are_handled_in_the_delivering_task() -> None:
+    node, outbox, applied = _follower()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        last = node.raw.status().last_index
+        node.deliver_now([_append_from_leader(node, b"a", commit=last + 1)])
+        # No checkpoint since: the entry is stored, answered and applied.
+        assert node.raw.status().last_index == last + 1
+        assert [m.type for m in outbox.sent] == [MessageType.APPEND_RESP] and outbox.sent[0].index == last + 1
+        assert applied.commands == [b"a"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_paused_node_leaves_them_to_the_loop() -> None:
+    node, outbox, applied = _follower()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        last = node.raw.status().last_index
+        node.pause()
+        node.deliver_now([_append_from_leader(node, b"a", commit=last + 1)])
+        assert node.raw.status().last_index == last and not outbox.sent
+        node.resume()
+        with trio.fail_after(5):
+            while not applied.commands:
+                await trio.sleep(0.001)
+        assert applied.commands == [b"a"] and outbox.sent[0].index == last + 1
+        nursery.cancel_scope.cancel()
+
+
+class _FailingDisk(MemoryStorage):
+    failing = False
+
+    def append(self, entries: list[Entry]) -> None:
+        if self.failing:
+            raise OSError(5, "the disk failed")
+        super().append(entries)
+
+
+async def test_a_failure_surfaces_in_the_loop_not_in_the_caller() -> None:
+    disk = _FailingDisk()
+    node, outbox, _ = _follower(disk)
+    disk.failing = True
+    with pytest.raises(BaseExceptionGroup) as failure:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            node.deliver_now([_append_from_leader(node, b"a", commit=0)])  # does not raise
+            assert not outbox.sent
+            await trio.sleep(5)  # the loop raises long before
+    assert failure.group_contains(OSError, match="the disk failed", depth=None)
+    # Later deliveries go to the (stopped) loop's queue, never processed.
+    node.deliver_now([_append_from_leader(node, b"b", commit=0)])
+    assert not outbox.sent
