@@ -77,7 +77,8 @@ def _events_checker() -> CacheChecker:
     for index, seq, epoch in ((10, 1, 2), (11, 2, 2), (12, 3, 2), (20, 2, 3)):
         events = [_event(9, 4)]
         checker.on_apply(index, events)
-        checker.on_master_queued(epoch, index, events, lambda sid, seq=seq: (SimpleNamespace(seq=seq, kind=1),))
+        checker.on_master_queued(epoch, index, events, lambda sid, seq=seq: (SimpleNamespace(seq=seq, kind=1),),
+                                 float(index))
     return checker
 
 
@@ -99,6 +100,16 @@ def test_event_check_flags_gaps_duplicates_and_disorder(delivered: list, what: s
     checker = _events_checker()
     checker.check_events(9, delivered, "c0")
     assert any(what in v for v in checker.violations), checker.violations
+
+
+def test_event_check_flags_an_event_missing_at_the_tail() -> None:
+    checker = _events_checker()
+    # The session processed epoch 2's reply built at 12.5 s: events queued at 10, 11 and 12 s were in it.
+    checker.check_events(9, [_item(2, 1), _item(2, 2)], "c0", {2: 12.5})
+    assert any("seq 3 (apply 12)" in v and "never delivered" in v for v in checker.violations), checker.violations
+    clean = _events_checker()
+    clean.check_events(9, [_item(2, 1), _item(2, 2)], "c0", {2: 11.5})
+    assert clean.violations == []
 
 
 def test_renewal_check_flags_a_lost_lock() -> None:

@@ -184,13 +184,15 @@ def test_ci_seed_set_has_no_violations() -> None:
     totals: dict[str, int] = {}
     for _, _, stats in results:
         for key in ("grants", "fenced_writes", "fenced_rejected", "applies_checked", "ops", "sessions",
-                    "cache_hits", "hits_checked", "acks_checked", "events_checked", "renewals_checked"):
+                    "cache_hits", "hits_checked", "acks_checked", "events_checked", "renewals_checked",
+                    "tail_checked"):
             totals[key] = totals.get(key, 0) + stats.get(key, 0)
     # The runs must exercise what they claim to check.
     assert totals["grants"] > 200 and totals["fenced_writes"] > 200 and totals["ops"] > 500, totals
     assert totals["fenced_rejected"] >= 5, totals  # stale holders did show up, and were refused
     assert totals["cache_hits"] > 120 and totals["acks_checked"] > 80, totals
     assert totals["events_checked"] > 800 and totals["renewals_checked"] > 250, totals
+    assert totals["tail_checked"] > 800, totals
 
 
 def test_negative_control_fencing_off_loses_updates() -> None:

@@ -25,7 +25,7 @@ from ...client.events import EventKind
 from ...wire.cell_protocol import Stat
 from ..checkers.fencing import FencingError
 
-from .cluster import CELL_ROOT, SIM_LEASE_END
+from .cluster import CELL_ROOT, SIM_BUILT_AT, SIM_LEASE_END
 from .rpc import CLIENT_ENDPOINT_BASE
 from .session import SimSession
 
@@ -255,7 +255,8 @@ class ChubbyClient:
                 if value.get("items"):
                     self.log(f"keep-alive from n{reply.node} epoch {value.get('epoch')} items "
                              f"{[tuple(item[:4]) for item in value['items']]}")
-                session.process_items(value.get("epoch", 0), value.get("items", ()), now)
+                session.process_items(value.get("epoch", 0), value.get("items", ()), now,
+                                      (reply.fields or {}).get(SIM_BUILT_AT))
                 session.renewed(sent_at=sent, lease_ms=value["held_ms"] + value["lease_ms"], now=now,
                                 master_lease_end_ms=(reply.fields or {}).get(SIM_LEASE_END, 0))
                 self.stats["keep_alives"] += 1

@@ -37,8 +37,9 @@ from .rpc import CLIENT_ENDPOINT_BASE, ClientLinks, RpcPacket
 from .session import UNSAFE_CACHE_MODES
 
 CELL_NAME = "sim"
-# A KeepAlive reply field only the simulation adds (see `_answer`).
+# KeepAlive reply fields only the simulation adds (see `_answer`).
 SIM_LEASE_END = "sim_lease_end_ms"
+SIM_BUILT_AT = "sim_built_at"
 # Marks a P9 violation whose cause is the cache registry bug found by this
 # simulation (finding 3): a change of a path does not wait for a cacher that
 # has not yet acknowledged an earlier invalidation of it.
@@ -136,7 +137,8 @@ class CellSimNode(SimNode):
             service = self.service
             if service is not None and service.epoch and result.events:
                 # The master has just queued these events as items (in _on_apply).
-                cache_checker.on_master_queued(service.epoch, index, result.events, service.cache.pending)
+                cache_checker.on_master_queued(service.epoch, index, result.events, service.cache.pending,
+                                               trio.current_time())
 
         return CheckedStateMachine(sm, applied, lambda: checker.on_restore(self.id, incarnation, sm))
 
@@ -173,6 +175,7 @@ class CellSimNode(SimNode):
         # A paused replica reads no requests and sends no replies.
         await self._running.wait()
         reply = await self._handle(service, packet.body)
+        built_at = trio.current_time()
         await self._running.wait()
         if self.incarnation == incarnation and self.raft is node:
             op = packet.body.get("op")
@@ -184,7 +187,8 @@ class CellSimNode(SimNode):
                 # White-box, for the write-acknowledgement check: the lease end
                 # this reply grants, in the master's stamped time.
                 session = node.state_machine.sm.sessions.get(session_id)
-                reply = {**reply, SIM_LEASE_END: 0 if session is None else session.lease_end_ms}
+                reply = {**reply, SIM_LEASE_END: 0 if session is None else session.lease_end_ms,
+                         SIM_BUILT_AT: built_at}
             self.cluster.links.reply(self.id, packet, reply)
 
     async def _handle(self, service: CellService, request: dict) -> dict:
@@ -306,7 +310,8 @@ class CellSimCluster(SimCluster):
         problems += self.false_expiries
         for client in self.chubby_clients:
             for session in client.sessions:
-                self.cache_checker.check_events(session.id, session.delivered, f"c{client.index}")
+                self.cache_checker.check_events(session.id, session.delivered, f"c{client.index}",
+                                                session.last_reply_built)
         problems += self.cache_checker.violations
         report = check_operations(CellFileModel(), self.cell_history.operations(),
                                   max_steps=self.config.wgl_max_steps)

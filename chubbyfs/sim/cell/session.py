@@ -61,6 +61,9 @@ class SimSession:
         # The lease end, in a master's stamped time, of the last grant this
         # session processed (creation or KeepAlive reply).
         self.master_lease_end_ms = master_lease_end_ms
+        # epoch -> when its master built the last KeepAlive reply processed
+        # (white-box, from the harness; for the event tail check).
+        self.last_reply_built: dict[int, float] = {}
 
     @staticmethod
     def _lease_end(sent_at: float, lease_ms: int) -> float:
@@ -106,9 +109,11 @@ class SimSession:
 
     # ---- items ---------------------------------------------------------------------------
 
-    def process_items(self, epoch: int, items: Any, now: float) -> None:
+    def process_items(self, epoch: int, items: Any, now: float, built_at: float | None = None) -> None:
         """A KeepAlive reply's items, in order, each once (`_process_items`
         of the real client, minus the hooks)."""
+        if built_at is not None:
+            self.last_reply_built[epoch] = max(built_at, self.last_reply_built.get(epoch, built_at))
         self.cache.start_epoch(epoch)
         for seq, kind, handle_id, path, name in items:
             if not self.cache.is_new(seq):

@@ -167,6 +167,7 @@ async def simulate_cell(scenario: CellScenario, trace_sink: Callable[[str], None
     stats.update(
         hits_checked=checker.hits_checked, acks_checked=checker.acks_checked,
         renewals_checked=checker.renewals_checked, events_checked=checker.events_checked,
+        tail_checked=checker.tail_checked,
         ops=len(cluster.cell_history.events) // 2,
         elections=cluster.checker.elections,
         crashes=sum(n.crashes for n in cluster.nodes.values()),

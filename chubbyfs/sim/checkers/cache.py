@@ -21,7 +21,10 @@ an instantaneous read.
   (index, position): apply order, no duplicates. Per handle, between two
   deliveries with no fail-over (or epoch change) in between, no event of that
   handle may be missing; before the first fail-over, none may be missing
-  from the handle's first event on.
+  from the handle's first event on. And at the tail: every event a master
+  queued for the session before it built the last KeepAlive reply (of that
+  epoch) the session processed must have been delivered, since a reply
+  carries every unacknowledged item.
 - *Lock keeping* (`on_renewed`): a session a master just renewed still holds
   every lock its client believes it holds.
 
@@ -47,6 +50,7 @@ class QueuedEvent:
 
     index: int
     position: int  # among the apply's events
+    queued_at: float  # virtual seconds
     kind: int
     handle_id: int
     path: str
@@ -66,6 +70,7 @@ class CacheChecker:
         self.acks_checked = 0
         self.renewals_checked = 0
         self.events_checked = 0
+        self.tail_checked = 0  # queued events that a processed reply must have carried
 
     def _violate(self, message: str) -> None:
         if len(self.violations) < self.max_violations:
@@ -83,7 +88,7 @@ class CacheChecker:
             self._expected[(event.session_id, event.handle_id)].append((index, position))
 
     def on_master_queued(self, epoch: int, index: int, events: Iterable[Any],
-                         pending_of: Callable[[int], tuple[Any, ...]]) -> None:
+                         pending_of: Callable[[int], tuple[Any, ...]], now: float) -> None:
         """The master of `epoch` just queued this apply's events: the newest
         event items in each session's outbox are these events, in order."""
         per_session: dict[int, list[tuple[int, Any]]] = defaultdict(list)
@@ -96,12 +101,17 @@ class CacheChecker:
                 continue  # the session ended in this apply: nothing will be delivered
             for item, (position, event) in zip(items, mine):
                 self.queued[(epoch, session_id, item.seq)] = QueuedEvent(
-                    index, position, int(event.kind), event.handle_id, event.path, event.name)
+                    index, position, now, int(event.kind), event.handle_id, event.path, event.name)
 
     # ---- sessions -----------------------------------------------------------------------
 
-    def check_events(self, session_id: int, delivered: Iterable[Any], who: str) -> None:
-        """Apply order, no duplicates, no gaps (see the module docstring)."""
+    def check_events(self, session_id: int, delivered: Iterable[Any], who: str,
+                     last_reply_built: dict[int, float] | None = None) -> None:
+        """Apply order, no duplicates, no gaps (see the module docstring).
+        `last_reply_built`: epoch -> when that epoch's master built the last
+        KeepAlive reply the session processed."""
+        delivered = list(delivered)
+        self._check_tail(session_id, delivered, who, last_reply_built or {})
         previous: tuple[int, int] | None = None
         segment = 0
         epoch = None
@@ -141,6 +151,19 @@ class CacheChecker:
                 self._violate(f"{where}: handle {item.handle_id} missed the events of applies {missed[:5]} "
                               f"before the one of apply {key}")
             last_of_handle[item.handle_id] = (key, segment)
+
+    def _check_tail(self, session_id: int, delivered: list[Any], who: str,
+                    last_reply_built: dict[int, float]) -> None:
+        got = {(item.epoch, item.seq) for item in delivered}
+        for (epoch, sid, seq), queued in sorted(self.queued.items()):
+            built = last_reply_built.get(epoch)
+            if sid != session_id or built is None or queued.queued_at >= built:
+                continue
+            self.tail_checked += 1
+            if (epoch, seq) not in got:
+                self._violate(f"P10 events of session {session_id} ({who}): epoch {epoch} seq {seq} (apply "
+                              f"{queued.index}) was queued at {queued.queued_at:.4f}s but never delivered, "
+                              f"though the session processed a reply built at {built:.4f}s")
 
     def on_hit(self, who: str, now: float, checked_lease_end: float, safe: bool) -> None:
         """A read was served from the cache at `now` (virtual seconds)."""
