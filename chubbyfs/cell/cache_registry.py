@@ -73,6 +73,13 @@ class CacheRegistry:
         self._mods: dict[int, _Modification] = {}
         self._mods_of: dict[int, set[int]] = {}  # session -> modifications waiting on it
         self._failover: dict[int, _Wait] = {}  # sessions yet to ack the fail-over item
+        # Invalidations sent but not yet acknowledged: path -> session -> item
+        # seq, and the reverse. A session stops being a cacher when its
+        # invalidation is queued, but it may serve the old value until it acks:
+        # every later change of the path waits for it too (found by the cell
+        # simulation: a second write was acknowledged over such a cacher).
+        self._unacked: dict[str, dict[int, int]] = {}
+        self._unacked_by: dict[int, dict[str, int]] = {}
         self._next_mod = 1
 
     # ---- reads ---------------------------------------------------------------------------
@@ -144,8 +151,25 @@ class CacheRegistry:
         sent = {}
         for session_id in sorted(self._cachers.pop(path, ())):
             self._cached_by[session_id].discard(path)
-            sent[session_id] = self._queue(session_id, ITEM_INVALIDATE, path=path)
+            seq = sent[session_id] = self._queue(session_id, ITEM_INVALIDATE, path=path)
+            self._unacked.setdefault(path, {})[session_id] = seq
+            self._unacked_by.setdefault(session_id, {})[path] = seq
         return sent
+
+    def _forget_unacked(self, session_id: int, up_to_seq: int | None = None) -> None:
+        """The session acknowledged everything up to `up_to_seq` (None: it is gone)."""
+        by_path = self._unacked_by.get(session_id)
+        if not by_path:
+            return
+        for path, seq in list(by_path.items()):
+            if up_to_seq is None or seq <= up_to_seq:
+                del by_path[path]
+                owed = self._unacked[path]
+                del owed[session_id]
+                if not owed:
+                    del self._unacked[path]
+        if not by_path:
+            del self._unacked_by[session_id]
 
     def invalidate_now(self, paths: Iterable[str]) -> set[int]:
         """Changes that were not announced before they were applied (lock
@@ -175,11 +199,15 @@ class CacheRegistry:
             self._uncachable_prefixes[prefix] = self._uncachable_prefixes.get(prefix, 0) + 1
         targets = list(unique_paths)
         if dir_prefixes:
-            targets += [p for p in self._cachers if any(p.startswith(d) for d in dir_prefixes)]
+            under = set(self._cachers) | set(self._unacked)
+            targets += [p for p in under if any(p.startswith(d) for d in dir_prefixes)]
         woken: set[int] = set()
         for path in targets:
-            for session_id, seq in self._invalidate_cachers(path).items():
-                woken.add(session_id)
+            woken.update(self._invalidate_cachers(path))
+            # Wait for every session that may still serve the path's old
+            # state: those just invalidated, and those whose invalidation by
+            # an earlier change is still unacknowledged.
+            for session_id, seq in self._unacked.get(path, {}).items():
                 lease_end = lease_end_of(session_id)
                 if lease_end is None:
                     continue  # already gone: it caches nothing
@@ -255,6 +283,7 @@ class CacheRegistry:
         failover = self._failover.get(session_id)
         if failover is not None and failover.seq <= seq:
             del self._failover[session_id]
+        self._forget_unacked(session_id, seq)
         done = set()
         for mod_id in sorted(self._mods_of.get(session_id, ())):
             if self._mods[mod_id].waiting[session_id].seq <= seq and self._settle(session_id, mod_id):
@@ -289,6 +318,7 @@ class CacheRegistry:
         self._outbox.pop(session_id, None)
         self._last_seq.pop(session_id, None)
         self._failover.pop(session_id, None)
+        self._forget_unacked(session_id)
         done = set()
         for mod_id in sorted(self._mods_of.get(session_id, ())):
             if self._settle(session_id, mod_id):
@@ -347,3 +377,10 @@ class CacheRegistry:
             for path in mod.paths:
                 total[path] = total.get(path, 0) + 1
         assert total == self._uncachable, "uncachable counts do not match modifications"
+        mirrored = {(p, s, q) for p, owed in self._unacked.items() for s, q in owed.items()}
+        assert mirrored == {(p, s, q) for s, by in self._unacked_by.items() for p, q in by.items()}, \
+            "unacknowledged-invalidation index is inconsistent"
+        for path, owed in self._unacked.items():
+            assert owed, f"empty unacknowledged set kept for {path}"
+            for session_id, seq in owed.items():
+                assert seq <= self._last_seq.get(session_id, 0), (path, session_id, seq)

@@ -17,7 +17,6 @@ from chubbyfs.cell.state_machine import CellStateMachine
 from chubbyfs.client.session_core import SessionState
 from chubbyfs.sim.cell.client import DATA_EVENTS, INTENT_LOCK, INTENT_READ, INTENT_WRITE, ChubbyClient
 from chubbyfs.sim.cell.cluster import CellSimConfig, open_cell_cluster
-from chubbyfs.sim.cell.registry_fix import FixedCacheRegistry
 from chubbyfs.sim.cell.session import SimSession
 from chubbyfs.sim.cell.swarm import run_cell_sim
 from chubbyfs.sim.checkers.cache import CacheChecker
@@ -170,25 +169,20 @@ def _second_change_waits(registry: CacheRegistry) -> tuple[int, ...]:
     return registry.waiting_on(second)
 
 
-@pytest.mark.xfail(strict=True, reason="cache_registry: a second change of a path does not wait for a cacher "
-                                       "that has not acknowledged the first change's invalidation (finding 3)")
 def test_registry_second_change_waits_for_an_unacknowledged_cacher() -> None:
-    assert _second_change_waits(CacheRegistry()) == (1,)
-
-
-def test_proposed_registry_fix_waits_for_an_unacknowledged_cacher() -> None:
-    registry = FixedCacheRegistry()
+    registry = CacheRegistry()
     assert _second_change_waits(registry) == (1,)
     registry.assert_invariants()
     assert registry.ack(1, 1) == {1, 2}
+    registry.assert_invariants()
 
 
-async def _second_writer_schedule(registry_fix: bool) -> list[str]:
+async def _second_writer_schedule() -> list[str]:
     """Reader R caches d0 and then goes silent (cut from every replica, its
     lease still running). Writer A's change of d0 waits for R's ack or lease
     end; meanwhile writer B changes d0 too and is acknowledged at once."""
     config = CellSimConfig(base=SimConfig(node_count=3, client_count=0), client_count=3, session_lease_ms=1_200,
-                           grace_ms=3_000, registry_fix=registry_fix)
+                           grace_ms=3_000)
     async with open_cell_cluster(config, seed=31) as cluster:
         writer_a, writer_b, reader = cluster.chubby_clients
         assert await cluster.wait_for_leader(3.0) is not None
@@ -212,14 +206,8 @@ async def _second_writer_schedule(registry_fix: bool) -> list[str]:
     return cluster.cache_checker.violations
 
 
-@pytest.mark.xfail(strict=True, reason="finding 3: the master acknowledges a second write while a cacher that "
-                                       "never acknowledged the first write's invalidation holds the old contents")
 def test_second_write_waits_for_an_unacknowledged_cacher() -> None:
-    assert run_deterministic(_second_writer_schedule, False, seed=31, timeout_seconds=60) == []
-
-
-def test_second_write_waits_with_the_proposed_registry_fix() -> None:
-    assert run_deterministic(_second_writer_schedule, True, seed=31, timeout_seconds=60) == []
+    assert run_deterministic(_second_writer_schedule, seed=31, timeout_seconds=60) == []
 
 
 # ---- scripted negative controls: a stale cache hit must fail the check -----------------------------
@@ -288,12 +276,11 @@ def test_negative_control_stale_cache_hit_is_caught(mode: str, cut_reader: bool,
 
 
 def test_negative_control_swarm_seeds() -> None:
-    """Skipping invalidations under the swarm's fault mix (with the registry
-    fix, so only the client's bug can be the cause) is caught on most seeds;
+    """Skipping invalidations under the swarm's fault mix is caught on most seeds;
     the same seeds are clean without the bug (the CI seed set)."""
     caught = {}
     for seed in range(0, 8):
-        violations = run_cell_sim(seed, unsafe_cache="skip_invalidations", registry_fix=True).violations
+        violations = run_cell_sim(seed, unsafe_cache="skip_invalidations").violations
         if any("P9 write acknowledged" in v or "P8 linearizability" in v for v in violations):
             caught[seed] = violations
     assert len(caught) >= 2, caught

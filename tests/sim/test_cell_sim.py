@@ -29,11 +29,7 @@ FALSE_EXPIRY = "false session expiry"
 
 
 def _run_seed(seed: int) -> tuple[int, list[str], dict]:
-    # With the cache registry fix the simulation proposes (finding 3, pinned
-    # by strict xfails in test_cell_cache_sim.py), so that everything else
-    # is checked strictly; drop `registry_fix` once cell/cache_registry.py
-    # has the fix.
-    result = run_cell_sim(seed, registry_fix=True)
+    result = run_cell_sim(seed)
     return seed, result.violations, result.stats
 
 

@@ -32,7 +32,6 @@ from ..checkers.wgl import CheckResult, check_operations
 from ..cluster import SimCluster, SimConfig, SimNode
 from ..history import HistoryRecorder
 from ..network import NetworkConfig
-from .registry_fix import FixedCacheRegistry
 from .rpc import CLIENT_ENDPOINT_BASE, ClientLinks, RpcPacket
 from .session import UNSAFE_CACHE_MODES
 
@@ -66,7 +65,6 @@ class CellSimConfig:
     fencing: bool = True  # False: the negative control (the resource accepts stale holders)
     grace_ms: int = 2_000  # the clients' grace period after their local lease runs out
     unsafe_cache: str = ""  # a negative control: see session.UNSAFE_CACHE_MODES
-    registry_fix: bool = False  # run the masters with the proposed cache registry fix (registry_fix.py)
     data_paths: tuple[str, ...] = (f"{CELL_ROOT}/d0", f"{CELL_ROOT}/d1")
     lock_paths: tuple[str, ...] = (f"{CELL_ROOT}/l0", f"{CELL_ROOT}/l1")  # l1 is ephemeral
     ephemeral_paths: tuple[str, ...] = (f"{CELL_ROOT}/e0",)
@@ -150,8 +148,6 @@ class CellSimNode(SimNode):
             session_lease_ms=cfg.session_lease_ms, clock_ms=self.clock_ms,
             secret_source=cluster.rng.fresh(f"secret-{self.id}-{incarnation}").randbytes,
         )
-        if cfg.registry_fix:
-            service.cache = FixedCacheRegistry()
         self.service = service
         async with trio.open_nursery() as nursery:
             self._service_scope = nursery.cancel_scope
@@ -261,7 +257,6 @@ class CellSimCluster(SimCluster):
         """`node` is about to acknowledge a write: nobody may still serve the
         node's old state from its cache unless it lost its lease."""
         assert node.raft is not None
-        sm = node.raft.state_machine.sm
         if request["op"] == "set_contents":
             instance, generation = reply["value"]["instance"], reply["value"]["content_generation"]
         else:

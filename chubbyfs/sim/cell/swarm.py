@@ -64,7 +64,7 @@ class CellScenario:
         net, links = c.base.network, c.links
         return (f"seed={self.seed} cell nodes={c.base.node_count} clients={c.client_count} "
                 f"lease={c.session_lease_ms}ms grace={c.grace_ms}ms lock_delay={c.lock_delay_ms}ms fencing={c.fencing} "
-                f"{f'unsafe_cache={c.unsafe_cache} ' if c.unsafe_cache else ''}{'registry_fix ' if c.registry_fix else ''}"
+                f"{f'unsafe_cache={c.unsafe_cache} ' if c.unsafe_cache else ''}"
                 f"safety={self.safety_seconds:.2f}s max_messages={self.max_messages} "
                 f"delay={net.delay_floor_seconds:.4f}+exp({net.delay_mean_seconds:.4f}) loss={net.loss_probability} "
                 f"dup={net.duplicate_probability} links={links.delay_floor_seconds:.4f}+"
@@ -72,7 +72,7 @@ class CellScenario:
 
 
 def generate_cell(seed: int, *, fencing: bool = True, kinds: tuple[str, ...] = FAULT_KINDS,
-                  unsafe_cache: str = "", registry_fix: bool = False) -> CellScenario:
+                  unsafe_cache: str = "") -> CellScenario:
     raft = generate(seed, base=replace(CellSimConfig().base), kinds=kinds)
     rng = SimRandom(seed).stream("cell-swarm")
     lease_ms = rng.choice([500, 800, 1200])
@@ -94,7 +94,6 @@ def generate_cell(seed: int, *, fencing: bool = True, kinds: tuple[str, ...] = F
         # A separate stream, so the draws above stay what they were.
         grace_ms=SimRandom(seed).stream("cell-grace").choice([lease_ms, 2 * lease_ms, 4 * lease_ms]),
         unsafe_cache=unsafe_cache,
-        registry_fix=registry_fix,
     )
     safety_seconds = raft.safety_seconds + 1.0
     clients = list(range(config.client_count))
@@ -236,11 +235,10 @@ async def cell_liveness(cluster: CellSimCluster) -> None:
 
 
 def run_cell_sim(seed: int, scenario: CellScenario | None = None, *, fencing: bool = True,
-                 unsafe_cache: str = "", registry_fix: bool = False,
+                 unsafe_cache: str = "",
                  trace_sink: Callable[[str], None] | None = None) -> SimResult:
     """Run one seed deterministically (its swarm scenario unless one is given)."""
-    scenario = scenario or generate_cell(seed, fencing=fencing, unsafe_cache=unsafe_cache,
-                                         registry_fix=registry_fix)
+    scenario = scenario or generate_cell(seed, fencing=fencing, unsafe_cache=unsafe_cache)
     budget = scenario.safety_seconds + scenario.config.base.liveness_seconds + scenario.config.liveness_seconds + 30.0
     try:
         return run_deterministic(simulate_cell, scenario, trace_sink, seed=seed, timeout_seconds=budget)
