@@ -611,7 +611,10 @@ class CellService:
             lease_ms = self.session_lease_ms
         # else: woken early with most of the lease left; the reply promises
         # only what is already replicated, so no log write per delivery.
-        if not self.epoch:
+        if not self.epoch or self.node.role != Role.LEADER or self.node.term != self.epoch:
+            # Deposed, maybe not noticed yet (after a pause, say): our items
+            # are an older epoch's, and must not reach a client that may
+            # already have heard from the new master.
             raise NotLeaderError(self.node.leader)
         items = self.cache.pending(session_id)
         if ack is None and items and self.cache.ack(session_id, items[-1].seq):

@@ -257,6 +257,10 @@ class Session:
                     await trio.sleep(0.05)  # no master yet; the timer decides our fate
                     continue
                 value = reply["value"]
+                if value.get("epoch", 0) < self.cache.epoch:
+                    # A deposed master's late reply: its items are an older
+                    # epoch's, already superseded. Ask again (elsewhere).
+                    continue
                 if declare and value.get("epoch") == self.cache.epoch:
                     self._declare_handles = False
                 await self._process_items(value.get("epoch", 0), value.get("items", ()))

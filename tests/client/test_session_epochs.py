@@ -100,3 +100,53 @@ async def test_held_handles_are_re_created_and_keep_their_ephemeral_nodes(mock_c
             reply = await cell.request("get_stat", session_id=session.id, handle=closed.ref)
             assert reply["error"] == "bad_handle", "a closed handle never comes back"
             nursery.cancel_scope.cancel()
+
+
+class _ScriptedConnection:
+    """Answers KeepAlives from a script, then never again."""
+
+    def __init__(self, replies: list[dict]) -> None:
+        self.replies = replies
+        self.calls: list[tuple[str, dict]] = []
+
+    async def call(self, op: str, **args: object) -> dict:
+        self.calls.append((op, args))
+        await trio.lowlevel.checkpoint()
+        if op == "keep_alive" and self.replies:
+            return {"ok": True, "value": self.replies.pop(0)}
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def reset(self) -> None:
+        pass
+
+
+async def test_a_late_reply_from_a_deposed_master_is_ignored(mock_clock: MockClock) -> None:
+    """Finding 6 of the cell simulation: a KeepAlive answered by the master
+    of an older epoch (paused, not yet aware it was deposed) must not take
+    the session back to that epoch: no reset of its sequence, no event of
+    the old epoch after the new one's."""
+    def reply(epoch: int, items: list) -> dict:
+        return {"session_id": 7, "lease_ms": LEASE_MS, "held_ms": 0, "epoch": epoch, "items": items}
+
+    conn = _ScriptedConnection([reply(5, [[1, 128, 0, "", ""], [2, 1, 3, f"{ROOT}/f", ""]]),
+                                reply(4, [[9, 1, 3, f"{ROOT}/f", ""]])])
+    session = Session(conn, 7, LEASE_MS, lease_start=trio.current_time(), epoch=4)  # type: ignore[arg-type]
+    events = session.events()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.keep_alive_forever)
+        await trio.sleep(0.5)
+        assert (session.epoch, session.cache.last_seq) == (5, 2)
+        assert [e.seq for e in events._items] == [1, 2]  # the fail-over and epoch 5's event only
+        assert len(conn.calls) == 3  # a new KeepAlive went out after the late reply
+        assert conn.calls[-1][1]["ack_epoch"] == 5 and conn.calls[-1][1]["ack"] == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_deposed_master_does_not_answer_keep_alives(mock_clock: MockClock) -> None:
+    async with in_process_cell(session_lease_ms=LEASE_MS) as cell:
+        sid = await cell.session()
+        raft = cell.node.raw._raft
+        raft.become_follower(raft.term + 1, 0)  # deposed; the service has not noticed yet
+        reply = await cell.request("keep_alive", session_id=sid, hold=False, ack=0)
+        assert reply["error"] == "not_leader"
