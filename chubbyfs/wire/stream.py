@@ -117,6 +117,10 @@ class FramedStream:
         # fails with EAGAIN (what receive_some tries first) costs a system
         # call and an exception for nothing.
         while True:
+            if self._raw.fileno() < 0:
+                # Closed by another task (a redirect, a reset): what trio's
+                # own receive would say, rather than epoll's ValueError.
+                raise trio.ClosedResourceError("the connection was closed")
             await trio.lowlevel.wait_readable(self._raw)
             try:
                 return self._raw.recv(RECEIVE_CHUNK_BYTES)
