@@ -572,7 +572,12 @@ class CellService:
             if session_id not in self.sm.sessions:
                 raise CellError("session_expired", f"session {session_id} does not exist or has ended")
         if ack is not None and (ack_epoch is None or ack_epoch == self.epoch):
-            if self.cache.ack(session_id, ack):
+            failover_was_pending = self.cache.failover_pending(session_id)
+            # Wake the waiters when a modification finished, and when the ack
+            # settled the fail-over: calls held for it go on now, not at the
+            # next poll (finding 4 of the cell simulation).
+            if self.cache.ack(session_id, ack) or (
+                    failover_was_pending and not self.cache.failover_pending(session_id)):
                 self._notify_cache()
         if ack is None or ack_epoch == self.epoch:
             self._renew_handles(session_id, handle_ids)

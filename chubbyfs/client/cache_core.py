@@ -140,8 +140,10 @@ class ClientCache:
 
     def start_epoch(self, epoch: int) -> bool:
         """A reply from master epoch `epoch`. A new master knows nothing of
-        our cache and numbers items afresh: drop both. True if it changed."""
-        if epoch == self.epoch:
+        our cache and numbers items afresh: drop both. True if it changed.
+        An older epoch changes nothing: a deposed master's late reply must not
+        take us back (its items are stale; the caller drops them)."""
+        if epoch <= self.epoch:
             return False
         self.epoch = epoch
         self.last_seq = 0

@@ -381,8 +381,6 @@ async def _call_after_failover() -> dict:
             "after_failover_item": answer["at"] - failover[0] if failover else None}
 
 
-@pytest.mark.xfail(strict=True, reason="finding 4: master.py does not wake calls waiting for a fail-over ack "
-                                       "when the ack arrives (CacheRegistry.ack reports only modifications)")
 def test_call_waiting_for_the_failover_ack_proceeds_when_it_arrives() -> None:
     out = run_deterministic(_call_after_failover, seed=9, timeout_seconds=60)
     assert out["reply"] is not None and "error" not in out["reply"], out
@@ -392,9 +390,6 @@ def test_call_waiting_for_the_failover_ack_proceeds_when_it_arrives() -> None:
 # ---- finding 6: a reply from a deposed master's older epoch resets the client's cache epoch ----------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 6: ClientCache.start_epoch (client/cache_core.py) accepts an older "
-                                       "epoch, so a deposed master's late KeepAlive reply makes the session "
-                                       "re-deliver events out of order and lose its acknowledgements")
 def test_a_reply_from_an_older_epoch_does_not_reset_the_cache() -> None:
     from chubbyfs.client.cache_core import ClientCache
 
