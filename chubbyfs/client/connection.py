@@ -22,7 +22,7 @@ from chubbyfs.wire.stream import FramedStream, open_framed, parse_address
 
 # Short: while a master is being elected, a retry every 100 ms finds the new
 # one within a tick of its election and costs the cell little.
-MAX_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 0.25
 DOWN_MEMORY_S = 1.0
 RETRYABLE_ALWAYS = {"not_leader", "lost", "retry"}
 # The request may or may not have taken effect; only idempotent calls retry.
@@ -67,6 +67,14 @@ class _Link:
         self.framed = framed
         self.pending: dict[int, _ReplySlot] = {}
         self.alive = True
+        # Replaced by a link to another replica: no new calls; closed once
+        # the calls still waiting on it have their answers (a redirect must
+        # not fail the other calls in flight, which may have been executed).
+        self.retired = False
+
+    def close_now(self) -> None:
+        self.alive = False
+        self.framed.stream.socket.close()  # wakes our reader (trio.ClosedResourceError)
 
 
 class CellConnection:
@@ -114,8 +122,7 @@ class CellConnection:
                     if getattr(exc, "sent", False) and not idempotent:
                         raise CellError("unknown_outcome", f"connection lost after sending: {last}") from None
                     self._preferred = None
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                    backoff = await _back_off(backoff)
                     continue
                 err = reply.get("error")
                 if err is None:
@@ -124,16 +131,14 @@ class CellConnection:
                     hint = reply.get("leader_address")
                     self._preferred = hint if self._down_until.get(hint, 0) <= trio.current_time() else None
                     if self._link is not None and self._link.address != self._preferred:
-                        await self._drop_link()
+                        self._retire_link()
                     last = "replica is not the master" + ("" if self._preferred else "; no master known")
                     if not self._preferred:
-                        await trio.sleep(backoff)
-                        backoff = min(backoff * 2, MAX_BACKOFF_S)
+                        backoff = await _back_off(backoff)
                     continue
                 if err in RETRYABLE_ALWAYS or (err in AMBIGUOUS and idempotent):
                     last = f"{err}: {reply.get('message', '')}"
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                    backoff = await _back_off(backoff)
                     continue
                 if err in AMBIGUOUS:
                     raise CellError("unknown_outcome", reply.get("message", err))
@@ -168,6 +173,15 @@ class CellConnection:
             return reply
         finally:
             link.pending.pop(request_id, None)
+            if link.retired and not link.pending and link.alive:
+                link.close_now()
+
+    def _retire_link(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link.retired = True
+            if not link.pending:
+                link.close_now()
 
     async def _get_link(self) -> _Link:
         link = self._link
@@ -178,7 +192,7 @@ class CellConnection:
             if link is not None and link.alive and (self._preferred in (None, link.address)):
                 return link
             if link is not None:
-                await self._drop_link()
+                self._retire_link()
             address = self._preferred or self._next_candidate()
             self._preferred = None
             host, port = parse_address(address)
@@ -234,6 +248,13 @@ class CellConnection:
 
     async def aclose(self) -> None:
         await self._drop_link()
+
+
+async def _back_off(backoff_s: float) -> float:
+    """Sleep about `backoff_s` (jittered, so that many clients that lost the
+    master together do not retry in step) and return the next delay."""
+    await trio.sleep(backoff_s * random.uniform(0.5, 1.0))
+    return min(backoff_s * 2, MAX_BACKOFF_S)
 
 
 @asynccontextmanager
