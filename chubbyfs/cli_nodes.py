@@ -198,7 +198,17 @@ def cmd_watch(args: argparse.Namespace) -> int:
                         print(f"session {change.state.value}: {change.reason}", file=sys.stderr, flush=True)
                     nursery.cancel_scope.cancel()
 
+                async def until_interrupted() -> None:
+                    # Ctrl-C (or SIGTERM) ends the watch through trio, at a
+                    # checkpoint, so the handle and the session are closed
+                    # in order; a KeyboardInterrupt could strike anywhere.
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for _ in signals:
+                            nursery.cancel_scope.cancel()
+                            return
+
                 nursery.start_soon(report_states)
+                nursery.start_soon(until_interrupted)
                 async for event in h.events():
                     kind = event.kind.name.lower() if event.kind.name else str(int(event.kind))
                     child = f" {event.name}" if event.name else ""
@@ -208,8 +218,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     try:
         return _run(args, args.path, body)
     except BaseException as exc:
-        # Ctrl-C is how a watch ends, even when trio reports it from inside
-        # a nursery (wrapped in an exception group).
+        # A Ctrl-C before the signal receiver is up arrives as a
+        # KeyboardInterrupt (perhaps wrapped in an exception group).
         interrupts, rest = (exc.split(KeyboardInterrupt) if isinstance(exc, BaseExceptionGroup)
                             else (exc, None) if isinstance(exc, KeyboardInterrupt) else (None, exc))
         if interrupts is not None and rest is None:
