@@ -79,8 +79,11 @@ class TcpTransport:
             if not peer.queue:
                 continue
             framed = peer.framed
-            if framed is None:
-                peer.wakeup.set()  # not connected: its task connects and sends
+            if framed is None or framed.busy:
+                # Not connected (its task connects and sends), or the peer is
+                # not reading: the messages stay in the bounded queue rather
+                # than pile up unbounded behind the socket.
+                peer.wakeup.set()
                 continue
             batch = [message_to_wire(m) for m in peer.queue]
             peer.queue.clear()

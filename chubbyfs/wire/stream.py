@@ -53,6 +53,12 @@ class FramedStream:
     def has_backlog(self) -> bool:
         return bool(self._backlog)
 
+    @property
+    def busy(self) -> bool:
+        """Bytes are waiting for the peer (kept back, or a send in progress):
+        a writer that must bound its memory holds further frames itself."""
+        return bool(self._backlog) or self._send_lock.locked()
+
     def send_nowait(self, objs: list[Any]) -> bool:
         """Write frames now, as far as the kernel takes them without waiting.
 
