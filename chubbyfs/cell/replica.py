@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 CLIENT_MAX_FRAME_BYTES = 1024 * 1024
 RAFT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT_S = 5.0
+# A client that sends requests but does not read the replies is cut off once
+# this much is waiting for it (beyond what the kernel buffers), rather than
+# let it grow the replica's memory without bound.
+MAX_UNREAD_REPLY_BYTES = 16 * 1024 * 1024
 PROPOSAL_TIMEOUT_S = 5.0
 
 
@@ -265,6 +269,11 @@ class _ReplyOutbox:
         if self._replies:
             replies, self._replies = self._replies, []
             if not self.framed.send_nowait(replies):
+                if self.framed.backlog_bytes > MAX_UNREAD_REPLY_BYTES:
+                    log.warning("a client reads none of its replies (%d bytes waiting): dropping it",
+                                self.framed.backlog_bytes)
+                    self.framed.stream.socket.close()  # its reader and writer end at once
+                    return
                 self._backlog.set()
 
     async def write_backlog(self) -> None:

@@ -54,6 +54,10 @@ class FramedStream:
         return bool(self._backlog)
 
     @property
+    def backlog_bytes(self) -> int:
+        return len(self._backlog)
+
+    @property
     def busy(self) -> bool:
         """Bytes are waiting for the peer (kept back, or a send in progress):
         a writer that must bound its memory holds further frames itself."""

@@ -56,3 +56,29 @@ async def test_garbage_resets_and_oversized_frames_do_not_hurt_the_replica(make_
         assert (await conn.call("get", key="before"))["value"] == b"1"
         await conn.call("put", key="after", value=b"2")
         assert (await cell.status(conn, leader))["role"] == "leader"
+
+
+async def test_a_client_that_never_reads_its_replies_is_cut_off(make_cell):
+    """It floods requests without reading: once more than the replica's bound
+    waits for it, the replica drops the connection, and keeps serving."""
+    cell = make_cell(3)
+    cell.start_all()
+    async with open_cell_connection(list(cell.addresses.values()), cell=cell.name) as conn:
+        leader = await cell.wait_for_leader(conn)
+        sock = _connect(cell.addresses[leader])
+        sock.sendall(encode_frame({"v": 1, "kind": "client", "cell": cell.name}))
+        request = encode_frame({"op": "status", "id": 1}) * 2_000  # each answered with ~1 KB
+        sock.settimeout(1.0)
+        cut_off = False
+        with trio.fail_after(60):
+            while not cut_off:
+                try:
+                    sock.sendall(request)
+                except TimeoutError:
+                    await trio.sleep(0)  # the replica is busy answering; keep pushing
+                except (ConnectionResetError, BrokenPipeError):
+                    cut_off = True
+        sock.close()
+        assert cell.running(leader)
+        await conn.call("put", key="after", value=b"2")
+        assert "reads none of its replies" in cell.log_text(leader)
