@@ -321,6 +321,10 @@ class Session:
 
     async def close(self) -> None:
         if not self.expired:
+            # Once EndSession is on its way the master stops counting us as
+            # a cacher (writes go on without our ack): serve nothing more.
+            self.caching = False
+            self.cache.clear()
             try:
                 await self.conn.call("end_session", idempotent=True, session_id=self.id)
             except CellError:

@@ -635,8 +635,9 @@ class ChubbyClient:
 
     async def _end_session(self) -> None:
         session_id = self.session_id
-        if session_id is None:
+        if session_id is None or self.session is None:
             return
+        self.session.begin_end()
         await self.call("end_session", mutating=True, retry_unknown=True, session_id=session_id)
         if self.session_id == session_id:
             self.lose_session("ended by the client")

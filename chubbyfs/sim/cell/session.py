@@ -64,6 +64,7 @@ class SimSession:
         # epoch -> when its master built the last KeepAlive reply processed
         # (white-box, from the harness; for the event tail check).
         self.last_reply_built: dict[int, float] = {}
+        self.ending = False  # EndSession sent: nothing more from the cache
 
     @staticmethod
     def _lease_end(sent_at: float, lease_ms: int) -> float:
@@ -90,7 +91,16 @@ class SimSession:
         self.tick(now)
         return self.core.cache_usable(now * 1000)
 
+    def begin_end(self) -> None:
+        """The client is ending the session: like the real `Session.close`,
+        it drops its cache and serves nothing more from it, because the
+        master stops counting it as a cacher once EndSession applies."""
+        self.ending = True
+        self.cache.clear()
+
     def cache_usable(self, now: float) -> bool:
+        if self.ending:
+            return False
         if self.unsafe_cache == "jeopardy_reads":
             return not self.expired
         return self.safe(now)
@@ -149,6 +159,6 @@ class SimSession:
     def assert_invariants(self) -> None:
         self.core.assert_invariants()
         self.cache.assert_invariants()
-        if self.core.state != SessionState.SAFE and self.unsafe_cache != "jeopardy_reads":
+        if (self.core.state != SessionState.SAFE and self.unsafe_cache != "jeopardy_reads") or self.ending:
             assert not (self.cache.contents or self.cache.stats or self.cache.listings), \
                 "cache kept outside SAFE"
