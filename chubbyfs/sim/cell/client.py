@@ -407,7 +407,7 @@ class ChubbyClient:
     async def _read(self, path: str, ref: list, instance: int, session_id: int) -> bool:
         """One read: from the cache when it can be, else from the master with
         `cache: true`, installing the reply if the master allows."""
-        if self._cached_read(path, instance):
+        if self._cached_read(path, instance, session_id):
             return True
         self._invoke("read", path, instance)
         reply = await self.call("get_contents_and_stat", mutating=False, session_id=session_id, handle=ref,
@@ -423,11 +423,14 @@ class ChubbyClient:
                              f"epoch {reply.fields['epoch']} from n{reply.node})")
         return self._after_data_op(path, ref, instance, session_id, reply, output)
 
-    def _cached_read(self, path: str, instance: int) -> bool:
+    def _cached_read(self, path: str, instance: int, session_id: int) -> bool:
         """Serve a read from the cache if it can be: recorded as an
-        instantaneous read for WGL, and checked against the local lease."""
+        instantaneous read for WGL, and checked against the local lease.
+        Never once the session it was asked under is gone (lost during a
+        burst of reads, say)."""
         session = self.session
-        assert session is not None
+        if session is None or session.id != session_id:
+            return False
         now = trio.current_time()
         hit = session.cached_contents(path, instance, now)
         if hit is None:
