@@ -248,14 +248,14 @@ async def _stale_read_schedule(mode: str, cut_reader: bool) -> dict:
             await _write(writer, ref_w, instance, b"v1")
             ref_r, _ = await _open_data(reader)
             assert await reader._read(D0, ref_r, instance, reader.session_id)  # fills the cache
-            assert reader._cached_read(D0, instance)  # and hits it
+            assert reader._cached_read(D0, instance, reader.session_id)  # and hits it
             if cut_reader:
                 for node_id in cluster.node_ids:
                     cluster.links.cut(reader.endpoint, node_id)
                 await trio.sleep(1.0)  # past the reader's lease: jeopardy
                 assert reader.session is not None and reader.session.core.state == SessionState.JEOPARDY
             await _write(writer, ref_w, instance, b"v2")  # acknowledged: the old value is gone
-            stale_hit = reader._cached_read(D0, instance)
+            stale_hit = reader._cached_read(D0, instance, reader.session_id)
             nursery.cancel_scope.cancel()
         cluster.links.heal()
     return {"violations": cluster.check(), "stale_hit": stale_hit, "hits": reader.stats["cache_hits"]}
