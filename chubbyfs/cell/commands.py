@@ -21,6 +21,7 @@ import msgpack
 
 from chubbyfs.cell.handles import HandleRef
 from chubbyfs.locks import LockMode
+from chubbyfs.wire.cell_protocol import EventKind  # one definition for cell and client
 
 COMMAND_VERSION = 1
 _U64_LIMIT = 1 << 64
@@ -54,18 +55,6 @@ class CreateMode(enum.IntEnum):
     NONE = 0  # open an existing node only
     FILE = 1
     DIRECTORY = 2
-
-
-class EventKind(enum.IntFlag):
-    """Event types; a handle subscribes with a mask of these at Open."""
-
-    CONTENTS_MODIFIED = 1
-    CHILD_ADDED = 2
-    CHILD_REMOVED = 4
-    CHILD_MODIFIED = 8
-    HANDLE_INVALID = 16
-    LOCK_ACQUIRED = 32
-    CONFLICTING_LOCK = 64
 
 
 ALL_EVENTS = (EventKind.CONTENTS_MODIFIED | EventKind.CHILD_ADDED | EventKind.CHILD_REMOVED

@@ -10,26 +10,12 @@ lost and that cached data was dropped.
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from dataclasses import dataclass
 
 import trio
 
-from chubbyfs.wire.cell_protocol import ITEM_EVENTS_LOST, ITEM_MASTER_FAILOVER
-
-
-class EventKind(enum.IntFlag):
-    """Subscription bits for `Session.open(events=...)` (the cell's values)."""
-
-    CONTENTS_MODIFIED = 1
-    CHILD_ADDED = 2
-    CHILD_REMOVED = 4
-    CHILD_MODIFIED = 8
-    HANDLE_INVALID = 16
-    LOCK_ACQUIRED = 32
-    CONFLICTING_LOCK = 64
-    MASTER_FAILOVER = ITEM_MASTER_FAILOVER  # always delivered; not a subscription
+from chubbyfs.wire.cell_protocol import ITEM_EVENTS_LOST, ITEM_MASTER_FAILOVER, EventKind
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,20 @@ HANDLE_OPS: dict[str, tuple[tuple[str, ...], bool]] = {
 ITEM_INVALIDATE = 0  # drop cached state of `path`
 ITEM_MASTER_FAILOVER = 128  # a new master: flush the whole cache, events may be lost
 ITEM_EVENTS_LOST = 256  # the session fell too far behind: flush everything
+
+
+class EventKind(enum.IntFlag):
+    """Event types: a handle subscribes with a mask of the first seven at
+    Open; MASTER_FAILOVER is always delivered, never subscribed to."""
+
+    CONTENTS_MODIFIED = 1
+    CHILD_ADDED = 2
+    CHILD_REMOVED = 4
+    CHILD_MODIFIED = 8
+    HANDLE_INVALID = 16
+    LOCK_ACQUIRED = 32
+    CONFLICTING_LOCK = 64
+    MASTER_FAILOVER = ITEM_MASTER_FAILOVER
 # Optional request fields: `keep_alive` takes `ack` (last seq processed; a
 # KeepAlive without it acks on delivery, for clients that neither cache nor
 # watch), `ack_epoch` and `handles` (ids of the handles the client holds,
