@@ -182,7 +182,7 @@ class RaftNode:
         self._resumed = trio.Event()
         self._resumed.set()
         self._running = False
-        self._failure: Exception | None = None  # raised by process_now, re-raised by run
+        self._failure: Exception | None = None  # raised in deliver_now, re-raised by run
         self.dropped_inbound = 0
         self.snapshots_restored = 0
 
@@ -190,14 +190,18 @@ class RaftNode:
 
     def deliver(self, msg: Message) -> None:
         """Hand in a message received from the network (never blocks)."""
+        if self._enqueue(msg):
+            self._wakeup.set()
+
+    def _enqueue(self, msg: Message) -> bool:
         try:
             self._inbound_send.send_nowait(msg)
         except trio.WouldBlock:
             # A full queue means we are far behind; Raft retransmits, so
             # dropping is safe and bounds memory.
             self.dropped_inbound += 1
-            return
-        self._wakeup.set()
+            return False
+        return True
 
     async def propose(self, command: bytes) -> Any:
         """Replicate `command`; return the state machine's result once applied.
@@ -356,10 +360,7 @@ class RaftNode:
                 self.deliver(msg)
             return
         for msg in msgs:
-            try:
-                self._inbound_send.send_nowait(msg)
-            except trio.WouldBlock:
-                self.dropped_inbound += 1
+            self._enqueue(msg)
         try:
             self._process()
         except Exception as exc:
