@@ -38,7 +38,6 @@ carry the epoch they were made in.
 
 from __future__ import annotations
 
-import gc
 import heapq
 import itertools
 import logging
@@ -77,12 +76,6 @@ IDLE_TICK_MS = 1_000  # stamped time moves at least this often on an idle cell
 # sessions there are.
 LEASE_BATCH_S = 0.05
 PROPOSAL_TIMEOUT_S = 10.0
-# CPython's default collector thresholds (700, 10, 10) make full collections
-# frequent, and with 10,000 sessions (their held KeepAlives alone are some
-# 200,000 objects) each took 100-640 ms here: longer than the election
-# timeout, so the cell kept changing masters. Young collections every 10,000
-# allocations and rare full ones keep pauses short; cycles are freed later.
-SERVING_GC_THRESHOLDS = (10_000, 50, 1_000)
 # KeepAlives the master works on at once. After a fail-over every session's
 # KeepAlive arrives together; unbounded, one trio batch of them delays the
 # Raft loop's heartbeats past the election timeout and starts another
@@ -242,7 +235,6 @@ class CellService:
     # ---- background: mastership, bootstrap, ticks -----------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        gc.set_threshold(*SERVING_GC_THRESHOLDS)  # process-wide: this process serves a cell
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._lease_batcher)

@@ -31,7 +31,7 @@ from chubbyfs.wire.stream import FramedStream, parse_address
 
 from . import kv
 from .config import CellConfig
-from .master import SERVING_GC_THRESHOLDS, CellService, ObservedStateMachine
+from .master import CellService, ObservedStateMachine
 from .state_machine import CellStateMachine
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,12 @@ HANDSHAKE_TIMEOUT_S = 5.0
 # let it grow the replica's memory without bound.
 MAX_UNREAD_REPLY_BYTES = 16 * 1024 * 1024
 PROPOSAL_TIMEOUT_S = 5.0
+# CPython's default collector thresholds (700, 10, 10) make full collections
+# frequent, and with 10,000 sessions (their held KeepAlives alone are some
+# 200,000 objects) each took 100-640 ms here: longer than the election
+# timeout, so the cell kept changing masters. Young collections every 10,000
+# allocations and rare full ones keep pauses short; cycles are freed later.
+SERVING_GC_THRESHOLDS = (10_000, 50, 1_000)
 
 
 class Replica:
@@ -82,10 +88,8 @@ class Replica:
         self.listen_port: int | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        # This process serves a cell: collect young objects every 10,000
-        # allocations, full collections rarely, and never scan what startup
-        # (the restored state) built. Python's default full collections of a
-        # large state took 100-640 ms here, longer than an election timeout.
+        # This process serves a cell (see SERVING_GC_THRESHOLDS), and never
+        # needs to scan what startup (the restored state) built.
         gc.set_threshold(*SERVING_GC_THRESHOLDS)
         gc.freeze()
         host, port = parse_address(self.me.address)

@@ -13,6 +13,9 @@ import trio
 from trio.testing import MockClock
 
 from chubbyfs.cell import master
+from chubbyfs.cell.config import load_cell_config, write_cell_config
+from chubbyfs.cell.replica import SERVING_GC_THRESHOLDS, Replica
+from chubbyfs.testing.localcell import free_ports
 from tests.client.incell import in_process_cell
 
 LEASE_MS = 2_000
@@ -66,10 +69,20 @@ async def test_a_burst_beyond_the_bound_completes_and_shares_log_entries(mock_cl
         assert cell.node.status()["commit"] - commit_before <= 4
 
 
-async def test_the_serving_process_gc_is_tuned(mock_clock: MockClock) -> None:
+async def test_a_replica_process_tunes_its_collector(tmp_path) -> None:
+    """A real replica (one voter, the register, its disk under tmp_path):
+    once serving, the collector runs young collections rarely and has frozen
+    the startup heap."""
+    config_path = tmp_path / "cell.toml"
+    write_cell_config(config_path, "g", [(1, f"127.0.0.1:{free_ports(1)[0]}", str(tmp_path / "1"))])
     before = gc.get_threshold()
     try:
-        async with in_process_cell(session_lease_ms=LEASE_MS):
-            assert gc.get_threshold() == master.SERVING_GC_THRESHOLDS
+        replica = Replica(load_cell_config(config_path), 1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(replica.run)
+            assert gc.get_threshold() == SERVING_GC_THRESHOLDS
+            assert gc.get_freeze_count() > 0
+            nursery.cancel_scope.cancel()
     finally:
         gc.set_threshold(*before)
+        gc.unfreeze()
