@@ -145,6 +145,7 @@ class Point:
     p50_ms: float
     p99_ms: float
     server_cpu_us_per_write: float
+    leader_cpu_us_per_write: float  # the leader alone (the rest: followers)
     server_cpu_percent: float
     client_cpu_percent: float
     # CPU that neither the servers nor our clients used: other load on the
@@ -168,14 +169,16 @@ class Failover:
         return statistics.median(self.trials_s) if self.trials_s else float("nan")
 
 
-def run_point(system: str, spec_base: dict, server_pids: list[int], clients: int, duration_s: float,
-              per_proc: int, run_id: str) -> Point:
+def run_point(system: str, spec_base: dict, server_pids: list[int], leader_pid: int, clients: int,
+              duration_s: float, per_proc: int, run_id: str) -> Point:
     procs = max(1, math.ceil(clients / per_proc))
     sizes = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     specs = [dict(spec_base, system=system, clients=size, prefix=f"{run_id}-c{clients}-w{w}")
              for w, size in enumerate(sizes)]
-    results, window = run_workers(__file__, specs, duration_s, {"servers": server_pids},
-                                  start_delay_s=0.2, what=system + " client")
+    groups = {"leader": [leader_pid], "followers": [pid for pid in server_pids if pid != leader_pid]}
+    results, window = run_workers(__file__, specs, duration_s, groups, start_delay_s=0.2, what=system + " client")
+    server_s = window.cpu_s["leader"] + window.cpu_s["followers"]
+    server_wait_s = window.runq_wait_s["leader"] + window.runq_wait_s["followers"]
     latencies = [x for out in results for x in out["latencies_s"]]
     errors = sum(out["errors"] for out in results)
     latencies.sort()
@@ -183,12 +186,12 @@ def run_point(system: str, spec_base: dict, server_pids: list[int], clients: int
     return Point(clients=clients, writes=writes, duration_s=duration_s,
                  writes_per_s=writes / duration_s,
                  p50_ms=percentile(latencies, 0.50) * 1e3, p99_ms=percentile(latencies, 0.99) * 1e3,
-                 server_cpu_us_per_write=window.cpu_s["servers"] / writes * 1e6 if writes else float("nan"),
-                 server_cpu_percent=window.cpu_s["servers"] / duration_s * 100,
+                 server_cpu_us_per_write=server_s / writes * 1e6 if writes else float("nan"),
+                 leader_cpu_us_per_write=window.cpu_s["leader"] / writes * 1e6 if writes else float("nan"),
+                 server_cpu_percent=server_s / duration_s * 100,
                  client_cpu_percent=window.cpu_s["workers"] / duration_s * 100,
                  other_cpu_percent=window.other_cpu_s() / duration_s * 100,
-                 server_runq_wait_us_per_write=(window.runq_wait_s["servers"] / writes * 1e6 if writes
-                                                else float("nan")),
+                 server_runq_wait_us_per_write=server_wait_s / writes * 1e6 if writes else float("nan"),
                  client_procs=procs, errors=errors)
 
 
@@ -273,11 +276,13 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str, trials:
         for n in args.clients:
             pids = [p.pid for p in cell.procs.values()]
             profiler = start_profiler(args, cell.procs[leader].pid, workdir, f"chubbyfs-c{n}")
-            point = run_point("chubbyfs", spec, pids, n, args.duration, args.clients_per_proc, run_id)
+            point = run_point("chubbyfs", spec, pids, cell.procs[leader].pid, n, args.duration,
+                              args.clients_per_proc, run_id)
             if profiler is not None:
                 profiles.append(finish_profiler(*profiler))
             log(f"chubbyfs {n:>3} clients: {point.writes_per_s:8.0f} writes/s  p50 {point.p50_ms:6.2f} ms  "
-                f"p99 {point.p99_ms:6.2f} ms  {point.server_cpu_us_per_write:6.0f} us cpu/write  "
+                f"p99 {point.p99_ms:6.2f} ms  {point.server_cpu_us_per_write:6.0f} us cpu/write "
+                f"(leader {point.leader_cpu_us_per_write:.0f})  "
                 f"clients {point.client_cpu_percent:.0f}% cpu, other load {point.other_cpu_percent:.0f}%, "
                 f"run-queue wait {point.server_runq_wait_us_per_write:.0f} us/write")
             points.append(point)
@@ -346,9 +351,11 @@ def bench_etcd(args: argparse.Namespace, workdir: Path, run_id: str, trials: int
             # Clients talk to the leader, as chubbyfs clients talk to the master.
             spec = {"addresses": addresses_from(leader)}
             pids = [cluster.pid(m) for m in cluster.members]
-            point = run_point("etcd", spec, pids, n, args.duration, args.clients_per_proc, run_id)
+            point = run_point("etcd", spec, pids, cluster.pid(leader), n, args.duration, args.clients_per_proc,
+                              run_id)
             log(f"etcd     {n:>3} clients: {point.writes_per_s:8.0f} writes/s  p50 {point.p50_ms:6.2f} ms  "
-                f"p99 {point.p99_ms:6.2f} ms  {point.server_cpu_us_per_write:6.0f} us cpu/write  "
+                f"p99 {point.p99_ms:6.2f} ms  {point.server_cpu_us_per_write:6.0f} us cpu/write "
+                f"(leader {point.leader_cpu_us_per_write:.0f})  "
                 f"clients {point.client_cpu_percent:.0f}% cpu, other load {point.other_cpu_percent:.0f}%, "
                 f"run-queue wait {point.server_runq_wait_us_per_write:.0f} us/write")
             points.append(point)
@@ -472,7 +479,8 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
         lines[0] += f", etcd {results['etcd']['version']}"
     head = f"{'clients':>7}"
     for s in systems:
-        head += f" | {s + ' writes/s':>18} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/w':>8} {'wait us/w':>9}"
+        head += (f" | {s + ' writes/s':>18} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/w':>8} {'ldr us/w':>8}"
+                 f" {'wait us/w':>9}")
     if len(systems) == 2:
         head += f" | {'ratio':>5}"
     lines += [head, "-" * len(head)]
@@ -481,7 +489,8 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
         for s in systems:
             p = results[s]["points"][i]
             row += (f" | {p.writes_per_s:>18.0f} {p.p50_ms:>7.2f} {p.p99_ms:>7.2f} "
-                    f"{p.server_cpu_us_per_write:>8.0f} {p.server_runq_wait_us_per_write:>9.0f}")
+                    f"{p.server_cpu_us_per_write:>8.0f} {p.leader_cpu_us_per_write:>8.0f} "
+                    f"{p.server_runq_wait_us_per_write:>9.0f}")
         if len(systems) == 2:
             a, b = (results[s]["points"][i].writes_per_s for s in systems)
             row += f" | {a / b if b else float('nan'):>5.2f}"
@@ -501,7 +510,8 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
             elected = ", ".join(f"{t:.2f}" for t in fo.elected_s)
             lines.append(f"  {s:<9} median {fo.median_s:.2f} s   trials [{trials}] s   elected [{elected}] s")
     lines.append("")
-    lines.append("cpu us/w: the 3 replicas' CPU time (utime+stime) over the interval / writes; wait us/w: "
+    lines.append("cpu us/w: the 3 replicas' CPU time (utime+stime) over the interval / writes; ldr us/w: the "
+                 "leader's share; wait us/w: "
                  "time their threads were runnable but waiting for a CPU / writes.")
     lines.append(("ratio: chubbyfs writes/s / etcd writes/s. " if len(systems) == 2 else "")
                  + "client CPU per point: " + "; ".join(
