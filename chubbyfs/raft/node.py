@@ -182,6 +182,7 @@ class RaftNode:
         self._resumed = trio.Event()
         self._resumed.set()
         self._running = False
+        self._processing = False  # inside _process: a nested call must wait for the loop
         self._failure: Exception | None = None  # raised in deliver_now, re-raised by run
         self.dropped_inbound = 0
         self.snapshots_restored = 0
@@ -226,7 +227,7 @@ class RaftNode:
             raise ProposalDroppedError("replica is paused")
         index, term = self.raw.propose(command)
         self._register_proposal(index, _Callback(term, on_done))
-        self._wakeup.set()
+        self._kick()
 
     def read_nowait(self, query: Any) -> tuple[bool, Any]:
         """(True, answer) if the lease lets us answer at once, else (False, None)."""
@@ -347,6 +348,29 @@ class RaftNode:
             self._running = False
             self._fail_all(NodeStoppedError(f"replica {self.id} stopped"))
 
+    def _kick(self) -> None:
+        """After a proposal: handle it at once when it is the only one in
+        flight (a lone client: its entry goes out without a switch to the
+        Raft loop task), else let the loop gather it with the others into one
+        Ready (group commit)."""
+        if len(self._proposals) == 1:
+            self._process_now()
+        else:
+            self._wakeup.set()
+
+    def _process_now(self) -> None:
+        """The loop's work in the calling task (see `deliver_now`); a
+        failure goes to the loop, which raises it. Nested calls (from an
+        apply callback, say) and a paused or stopped node leave it to the loop."""
+        if self._processing or not self._running or not self._resumed.is_set() or self._failure is not None:
+            self._wakeup.set()
+            return
+        try:
+            self._process()
+        except Exception as exc:
+            self._failure = exc
+            self._wakeup.set()
+
     def deliver_now(self, msgs: list[Message]) -> None:
         """Hand in messages that arrived together and handle them at once, in
         the calling task: the same work as the Raft loop's, minus the switch
@@ -355,28 +379,28 @@ class RaftNode:
         it is synchronous, so it never interleaves with the loop; a failure
         (a disk error, say) is passed to the loop, which raises it, rather
         than to the caller."""
-        if not self._running or not self._resumed.is_set() or self._failure is not None:
+        if self._processing or not self._running or not self._resumed.is_set() or self._failure is not None:
             for msg in msgs:
                 self.deliver(msg)
             return
         for msg in msgs:
             self._enqueue(msg)
-        try:
-            self._process()
-        except Exception as exc:
-            self._failure = exc
-            self._wakeup.set()
+        self._process_now()
 
     def _process(self) -> None:
-        self._catch_up_ticks()
-        while True:
-            try:
-                msg = self._inbound_recv.receive_nowait()
-            except trio.WouldBlock:
-                break
-            self.raw.step(msg)
-        while self.raw.has_ready():
-            self._handle_ready(self.raw.ready())
+        self._processing = True
+        try:
+            self._catch_up_ticks()
+            while True:
+                try:
+                    msg = self._inbound_recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                self.raw.step(msg)
+            while self.raw.has_ready():
+                self._handle_ready(self.raw.ready())
+        finally:
+            self._processing = False
         if self._after_ready is not None:
             self._after_ready()
 
@@ -522,7 +546,7 @@ class RaftNode:
     async def _await_index(self, index: int, term: int) -> Any:
         waiter = _Waiter(term=term)
         self._register_proposal(index, waiter)
-        self._wakeup.set()
+        self._kick()
         try:
             return await waiter.wait()
         finally:

@@ -12,6 +12,11 @@ from chubbyfs.raft.types import ConfState, Entry, EntryType, Message, MessageTyp
 
 from .framing import FrameError
 
+# Enum lookups by value, as dicts: calling the enum class costs more than the
+# rest of decoding a small message. A value not in the table is malformed.
+_MESSAGE_TYPES = {int(t): t for t in MessageType}
+_ENTRY_TYPES = {int(t): t for t in EntryType}
+
 
 def _entry_out(e: Entry) -> list:
     return [e.term, e.index, int(e.type), e.data]
@@ -40,11 +45,11 @@ def message_from_wire(obj: Any) -> Message:
         if meta is not None:
             meta_obj = SnapshotMeta(index=meta[0], term=meta[1], conf=ConfState(tuple(meta[2])))
         return Message(
-            type=MessageType(mtype), to=to, frm=frm, term=term, log_term=log_term, index=index,
-            entries=tuple(Entry(term=t, index=i, type=EntryType(ty), data=d) for t, i, ty, d in entries),
+            type=_MESSAGE_TYPES[mtype], to=to, frm=frm, term=term, log_term=log_term, index=index,
+            entries=tuple([Entry(term=t, index=i, type=_ENTRY_TYPES[ty], data=d) for t, i, ty, d in entries]),
             commit=commit, reject=bool(reject), reject_hint=reject_hint, context=context,
             lease_tick=lease_tick, snapshot_meta=meta_obj, snapshot_offset=snap_off,
             snapshot_data=snap_data, snapshot_done=bool(snap_done), streamed=bool(streamed),
         )
-    except (TypeError, ValueError) as exc:
-        raise FrameError(f"malformed raft message: {exc}") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise FrameError(f"malformed raft message: {exc!r}") from None
