@@ -521,8 +521,12 @@ class CellService:
         if previous is not None:
             previous.close()
         self._acquire_waiters[key] = send
+        # A held lock: the Acquire only queues, so it need not go out alone;
+        # it can share a round with the Release that will grant it.
+        node = self._node_of(cmd.handle)
+        lazy = node is not None and not node.lock.can_grant_now(cmd.mode, cmd.now_ms)
         try:
-            value = await self._propose(cmd)
+            value = await self._propose(cmd, lazy=lazy)
             if value.granted:
                 return value
             try:
@@ -695,13 +699,13 @@ class CellService:
         result: Result = await self.node.read(cmd)
         return _unwrap(result)
 
-    async def _propose(self, cmd: Any) -> Any:
+    async def _propose(self, cmd: Any, *, lazy: bool = False) -> Any:
         data = c.encode_command(cmd)
         if len(data) > self.sm.limits.max_request_bytes:
             raise CellError("too_large", f"request of {len(data)} bytes exceeds {self.sm.limits.max_request_bytes}")
         c.decode_command(data)  # the cell would refuse it anyway; refuse before the log
         with trio.move_on_after(PROPOSAL_TIMEOUT_S):
-            applied: ApplyResult = await self.node.propose(data)
+            applied: ApplyResult = await self.node.propose(data, lazy=lazy)
             return _unwrap(applied.result)
         raise CellError("timeout", "not committed in time; outcome unknown")
 

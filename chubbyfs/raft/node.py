@@ -183,6 +183,7 @@ class RaftNode:
         self._resumed.set()
         self._running = False
         self._processing = False  # inside _process: a nested call must wait for the loop
+        self._riders = 0  # lazy proposals appended but not yet in a Ready
         self._failure: Exception | None = None  # raised in deliver_now, re-raised by run
         self.dropped_inbound = 0
         self.snapshots_restored = 0
@@ -204,8 +205,15 @@ class RaftNode:
             return False
         return True
 
-    async def propose(self, command: bytes) -> Any:
+    async def propose(self, command: bytes, *, lazy: bool = False) -> Any:
         """Replicate `command`; return the state machine's result once applied.
+
+        `lazy`: the entry is appended now (so it keeps its place in the log)
+        but, when nothing else is in flight, it is not sent on its own: it
+        goes out with the next Ready (the next proposal, message or tick,
+        within a tick). For a request that waits anyway, e.g. an Acquire of a
+        held lock, which can then share one round with the Release that ends
+        its wait.
 
         Raises NotLeaderError (with .leader) if this replica is not the leader,
         ProposalLostError if another leader's entry took its place.
@@ -217,7 +225,7 @@ class RaftNode:
         if not self._resumed.is_set():
             await self._resumed.wait()
         index, term = self.raw.propose(command)
-        return await self._await_index(index, term)
+        return await self._await_index(index, term, lazy)
 
     def propose_nowait(self, command: bytes, on_done: Callable[[Any, BaseException | None], None]) -> None:
         """Replicate `command`; `on_done(result, error)` is called from the
@@ -348,12 +356,15 @@ class RaftNode:
             self._running = False
             self._fail_all(NodeStoppedError(f"replica {self.id} stopped"))
 
-    def _kick(self) -> None:
+    def _kick(self, lazy: bool = False) -> None:
         """After a proposal: handle it at once when it is the only one in
         flight (a lone client: its entry goes out without a switch to the
         Raft loop task), else let the loop gather it with the others into one
-        Ready (group commit)."""
-        if len(self._proposals) == 1:
+        Ready (group commit). A lazy one alone rides with the next Ready."""
+        in_flight = len(self._proposals) - self._riders
+        if in_flight == 1 and lazy:
+            self._riders += 1
+        elif in_flight == 1:
             self._process_now()
         else:
             self._wakeup.set()
@@ -389,6 +400,7 @@ class RaftNode:
 
     def _process(self) -> None:
         self._processing = True
+        self._riders = 0  # every unsent entry goes out with this Ready
         try:
             self._catch_up_ticks()
             while True:
@@ -543,10 +555,10 @@ class RaftNode:
                 f"entry {index} of term {previous.term} was replaced by term {waiter.term}"))
         self._proposals[index] = waiter
 
-    async def _await_index(self, index: int, term: int) -> Any:
+    async def _await_index(self, index: int, term: int, lazy: bool = False) -> Any:
         waiter = _Waiter(term=term)
         self._register_proposal(index, waiter)
-        self._kick()
+        self._kick(lazy)
         try:
             return await waiter.wait()
         finally:
