@@ -4,10 +4,12 @@ surfaces in the loop, not in the transport's task."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
 import trio
+import trio.testing
 
 from chubbyfs.raft import Config, Entry, MemoryStorage, Message, MessageType
 from chubbyfs.raft.node import RaftNode, bootstrap_storage
@@ -110,3 +112,79 @@ async def test_a_failure_surfaces_in_the_loop_not_in_the_caller() -> None:
     # Later deliveries go to the (stopped) loop's queue, never processed.
     node.deliver_now([_append_from_leader(node, b"b", commit=0)])
     assert not outbox.sent
+
+
+# ---- proposals: a lone one goes out from the proposer's task, a lazy one rides along ----
+
+async def _leader(nursery: trio.Nursery) -> tuple[RaftNode, _Outbox]:
+    storage = MemoryStorage()
+    bootstrap_storage(storage, [1, 2, 3])
+    outbox = _Outbox()
+    node = RaftNode(config=Config(id=1, pre_vote=False), storage=storage, transport=outbox,
+                    state_machine=_Applied(), rng=random.Random(1), tick_seconds=0.05)
+    await nursery.start(node.run)
+    node.raw.campaign()
+    term = node.raw.status().term
+    node.deliver_now([Message(type=MessageType.VOTE_RESP, to=1, frm=2, term=term)])
+    assert node.role.name == "LEADER"
+    # Let followers 2 and 3 catch up with the leader's no-op entry.
+    last = node.raw.status().last_index
+    node.deliver_now([Message(type=MessageType.APPEND_RESP, to=1, frm=peer, term=term, index=last)
+                      for peer in (2, 3)])
+    outbox.sent.clear()
+    return node, outbox
+
+
+def _sent_entries(outbox: _Outbox) -> dict[int, list[bytes]]:
+    """Per peer, the entry payloads of the APPENDs sent so far."""
+    out: dict[int, list[bytes]] = {}
+    for m in outbox.sent:
+        if m.type == MessageType.APPEND:
+            out.setdefault(m.to, []).extend(e.data for e in m.entries)
+    return out
+
+
+async def test_a_lone_proposal_goes_out_from_the_proposing_task() -> None:
+    async with trio.open_nursery() as nursery:
+        node, outbox = await _leader(nursery)
+        node.propose_nowait(b"w", lambda result, error: None)
+        # No checkpoint since: already appended and sent to both followers.
+        assert _sent_entries(outbox) == {2: [b"w"], 3: [b"w"]}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lazy_proposal_rides_with_the_next_one() -> None:
+    async with trio.open_nursery() as nursery:
+        node, outbox = await _leader(nursery)
+        last = node.raw.status().last_index
+        nursery.start_soon(functools.partial(node.propose, b"queued", lazy=True))
+        await trio.testing.wait_all_tasks_blocked()
+        assert node.raw.status().last_index == last + 1  # appended: it keeps its place in the log
+        assert _sent_entries(outbox) == {}               # but not sent alone
+        node.propose_nowait(b"release", lambda result, error: None)
+        # One APPEND per follower carries both, in proposal order.
+        assert _sent_entries(outbox) == {2: [b"queued", b"release"], 3: [b"queued", b"release"]}
+        assert sum(m.type == MessageType.APPEND for m in outbox.sent) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lazy_proposal_alone_goes_out_by_the_next_tick() -> None:
+    async with trio.open_nursery() as nursery:
+        node, outbox = await _leader(nursery)
+        nursery.start_soon(functools.partial(node.propose, b"queued", lazy=True))
+        with trio.fail_after(5):
+            while not _sent_entries(outbox):
+                await trio.sleep(0.01)
+        assert _sent_entries(outbox) == {2: [b"queued"], 3: [b"queued"]}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lazy_proposal_behind_one_in_flight_is_not_held_back() -> None:
+    async with trio.open_nursery() as nursery:
+        node, outbox = await _leader(nursery)
+        node.propose_nowait(b"release", lambda result, error: None)  # in flight, unacknowledged
+        nursery.start_soon(functools.partial(node.propose, b"queued", lazy=True))
+        await trio.testing.wait_all_tasks_blocked()
+        # Pipelined behind the first at once (the loop's next round), not left for a tick.
+        assert _sent_entries(outbox) == {2: [b"release", b"queued"], 3: [b"release", b"queued"]}
+        nursery.cancel_scope.cancel()
