@@ -30,7 +30,8 @@ import trio
 from .confchange import apply_change, decode_conf_change, encode_conf_change
 from .rawnode import Config, NotLeaderError, ProposalDroppedError, RawNode
 from .storage import WritableStorage
-from .types import ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, Ready, Role
+from .types import (ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, MessageType, Ready,
+                    Role)
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,9 @@ class RaftNode:
         self._running = False
         self._processing = False  # inside _process: a nested call must wait for the loop
         self._riders = 0  # lazy proposals appended but not yet in a Ready
+        # Followers in the order they acknowledged the newest index (leader only).
+        self._ack_index = 0
+        self._first_ackers: list[int] = []
         self._failure: Exception | None = None  # raised in deliver_now, re-raised by run
         self.dropped_inbound = 0
         self.snapshots_restored = 0
@@ -408,6 +412,8 @@ class RaftNode:
                     msg = self._inbound_recv.receive_nowait()
                 except trio.WouldBlock:
                     break
+                if msg.type == MessageType.APPEND_RESP and not msg.reject:
+                    self._note_ack(msg.frm, msg.index)
                 self.raw.step(msg)
             while self.raw.has_ready():
                 self._handle_ready(self.raw.ready())
@@ -427,9 +433,18 @@ class RaftNode:
         early = self.role == Role.LEADER and rd.snapshot is None and (
             rd.hard_state is None or rd.hard_state.term == self.term)
         send = self.transport.send
+        held: list[Message] = []
         if early and rd.messages:
+            # Only the followers that answered first last time get new
+            # entries before our fsync; the rest right after it. On two
+            # cores a commit needs one follower's CPU, and waking them all
+            # at once makes the one we wait for share it with the others.
+            fast = self._fast_followers()
             for m in rd.messages:
-                send(m)
+                if fast is not None and m.to not in fast and m.entries and m.type == MessageType.APPEND:
+                    held.append(m)
+                else:
+                    send(m)
             self.transport.flush()
         st = self.storage
         if rd.snapshot is not None:
@@ -446,8 +461,8 @@ class RaftNode:
             if self._trace:
                 hs = rd.hard_state
                 self._trace("hard_state", {"term": hs.term, "vote": hs.vote, "commit": hs.commit})
-        if not early and rd.messages:
-            for m in rd.messages:
+        if held or (not early and rd.messages):
+            for m in held or rd.messages:
                 send(m)
             self.transport.flush()
         if rd.snapshot is not None:
@@ -464,6 +479,21 @@ class RaftNode:
         self.raw.advance(rd)
         if self.applied - self._last_snapshot_index >= self.snapshot_every:
             self._take_snapshot()
+
+    def _note_ack(self, peer: int, index: int) -> None:
+        """Remember which followers acknowledged the newest index first."""
+        if index > self._ack_index:
+            self._ack_index, self._first_ackers = index, [peer]
+        elif index == self._ack_index and peer not in self._first_ackers:
+            self._first_ackers.append(peer)
+
+    def _fast_followers(self) -> list[int] | None:
+        """The followers a commit needs (a majority counting us), fastest
+        first by the last acknowledgements; None: not known, send to all."""
+        needed = len(self._applied_conf.voters) // 2
+        if needed <= 0 or len(self._first_ackers) < needed:
+            return None
+        return self._first_ackers[:needed]
 
     def _on_soft_state(self, role: Role, leader: int) -> None:
         was_leader = self.role == Role.LEADER

@@ -116,8 +116,8 @@ async def test_a_failure_surfaces_in_the_loop_not_in_the_caller() -> None:
 
 # ---- proposals: a lone one goes out from the proposer's task, a lazy one rides along ----
 
-async def _leader(nursery: trio.Nursery) -> tuple[RaftNode, _Outbox]:
-    storage = MemoryStorage()
+async def _leader(nursery: trio.Nursery, storage: MemoryStorage | None = None) -> tuple[RaftNode, _Outbox]:
+    storage = storage or MemoryStorage()
     bootstrap_storage(storage, [1, 2, 3])
     outbox = _Outbox()
     node = RaftNode(config=Config(id=1, pre_vote=False), storage=storage, transport=outbox,
@@ -187,4 +187,38 @@ async def test_a_lazy_proposal_behind_one_in_flight_is_not_held_back() -> None:
         await trio.testing.wait_all_tasks_blocked()
         # Pipelined behind the first at once (the loop's next round), not left for a tick.
         assert _sent_entries(outbox) == {2: [b"release", b"queued"], 3: [b"release", b"queued"]}
+        nursery.cancel_scope.cancel()
+
+
+class _SyncSpy(MemoryStorage):
+    """Records, at each sync, which followers had been sent entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outbox = _Outbox()
+        self.sent_at_sync: list[dict[int, list[bytes]]] = []
+
+    def sync(self) -> None:
+        self.sent_at_sync.append(_sent_entries(self.outbox))
+        super().sync()
+
+
+async def test_new_entries_reach_the_fastest_follower_before_the_leaders_fsync() -> None:
+    async with trio.open_nursery() as nursery:
+        spy = _SyncSpy()
+        node, outbox = await _leader(nursery, spy)
+        spy.outbox = outbox
+        term = node.raw.status().term
+        node.propose_nowait(b"a", lambda result, error: None)
+        last = node.raw.status().last_index
+        # Follower 3 answers first this time.
+        node.deliver_now([Message(type=MessageType.APPEND_RESP, to=1, frm=peer, term=term, index=last)
+                          for peer in (3, 2)])
+        outbox.sent.clear()
+        spy.sent_at_sync.clear()
+        node.propose_nowait(b"b", lambda result, error: None)
+        # One follower completes a majority: it gets the entry before our
+        # fsync; the other right after, in the same step.
+        assert spy.sent_at_sync == [{3: [b"b"]}]
+        assert _sent_entries(outbox) == {3: [b"b"], 2: [b"b"]}
         nursery.cancel_scope.cancel()
