@@ -181,6 +181,14 @@ class CacheRegistry:
 
     # ---- modifications -----------------------------------------------------------------------
 
+    def must_wait(self, paths: Iterable[str]) -> bool:
+        """Whether a modification of `paths` (no directory prefixes) might
+        have to wait for acknowledgements if begun now (conservative: True
+        may still turn out to need no wait)."""
+        if self._failover:
+            return True
+        return any(path in self._cachers or path in self._unacked for path in paths)
+
     def begin(self, paths: Iterable[str], lease_end_of: Callable[[int], int | None],
               prefixes: Iterable[str] = ()) -> tuple[int, set[int]]:
         """A modification of `paths` (and of everything under each directory

@@ -326,15 +326,80 @@ class CellService:
         op = request["op"]
         try:
             value = await self._dispatch(op, request, principal)
-        except CellError as exc:
-            return {"error": exc.code, "message": exc.message, **exc.fields}
-        except MalformedCommand as exc:
-            return {"error": "bad_request", "message": str(exc)}
+        except (CellError, MalformedCommand) as exc:
+            return _refusal(exc)
         if isinstance(value, _Reply):
             return {"ok": True, "value": value_to_wire(value.value), **value.extra}
         if op == "keep_alive":
             return {"ok": True, "value": value}  # built from plain values already
         return {"ok": True, "value": value_to_wire(value)}
+
+    def handle_nowait(self, request: dict, principal: str,
+                      reply_to: Callable[[dict | None, BaseException | None], None]) -> bool:
+        """The hot path of writes and locks, without a task per request: a
+        call on a handle that has nothing to wait for (this master serves, the
+        session heard of the last fail-over, no session caches what the call
+        changes) is proposed at once, and `reply_to(reply, error)` is called
+        from the apply step that settles it (`error`: a Raft-layer exception
+        for the replica to report). False: not taken; `handle` answers it,
+        waiting where it must and reporting any refusal."""
+        op = request.get("op")
+        if op not in _INLINE_OPS or not self._ready.is_set() or self.node.role != Role.LEADER:
+            return False
+        try:
+            self._check_epoch(request)
+            cmd = self._handle_command(op, request, principal)
+            if self.cache.failover_pending(cmd.session_id):
+                return False
+            paths: list[str] = []
+            if op in _MODIFYING_OPS:
+                paths = self._handle_paths(op, cmd.handle) + self._expiring_ephemeral_paths(cmd.now_ms)
+                if self.cache.must_wait(paths):
+                    return False
+            data = self._encode_checked(cmd)
+        except (CellError, MalformedCommand, NotLeaderError):
+            return False  # the general path refuses it, with the same answer
+        mod = None
+        if paths:
+            mod, woken = self.cache.begin(paths, self._lease_end_of)
+            self._wake(woken)
+        wait = None
+        if op == "acquire":
+            # Registered before proposing, as `_acquire` does: the grant may
+            # be applied in the same Raft batch as the Acquire itself.
+            wait = _InlineWait(reply_to)
+            previous = self._acquire_waiters.pop((cmd.session_id, cmd.handle.handle_id), None)
+            if previous is not None:
+                previous.close()
+            self._acquire_waiters[(cmd.session_id, cmd.handle.handle_id)] = wait
+
+        def settled(applied: Any, error: BaseException | None) -> None:
+            if mod is not None:
+                self.cache.finish(mod)
+            try:
+                if error is not None:
+                    raise error
+                value = _unwrap(applied.result)
+            except CellError as exc:
+                reply = _refusal(exc)
+            except BaseException as exc:  # a Raft-layer failure, reported by the replica
+                self._forget_wait(cmd, wait)
+                reply_to(None, exc)
+                return
+            else:
+                if wait is not None and not value.granted:
+                    return  # queued: the apply that grants (or ends) it answers
+                reply = {"ok": True, "value": value_to_wire(value)}
+            self._forget_wait(cmd, wait)
+            reply_to(reply, None)
+
+        try:
+            # An Acquire of a held lock only queues: it may share a round
+            # with the Release that will grant it (see RaftNode.propose).
+            self.node.propose_nowait(data, settled, lazy=op == "acquire" and self._lock_busy(cmd))
+        except (NotLeaderError, ProposalDroppedError) as exc:
+            settled(None, exc)
+        return True
 
     async def _dispatch(self, op: str, req: dict, principal: str) -> Any:
         if op == "check_sequencer":
@@ -374,20 +439,11 @@ class CellService:
             cmd = c.Rename(now_ms=self.clock_ms(), session_id=session_id, principal=principal,
                            src_path=_field(req, "src_path"), dst_path=_field(req, "dst_path"))
             return await self._modify(cmd, *self._rename_paths(cmd.src_path, cmd.dst_path))
-        spec = HANDLE_OPS.get(op)
-        if spec is None:
+        if op not in HANDLE_OPS:
             raise CellError("bad_request", f"unknown op {op!r}")
-        extra, read_only = spec
-        try:
-            handle = HandleRef.from_wire(req.get("handle"))
-        except ValueError as exc:
-            raise CellError("bad_request", f"bad handle: {exc}") from None
-        kwargs = {k: req[k] for k in extra if k in req}
-        if "mode" in kwargs:
-            kwargs["mode"] = _mode(kwargs["mode"])
-        cmd = _OP_CLASSES[op](now_ms=self.clock_ms(), session_id=_int(req, "session_id"),
-                              principal=principal, handle=handle, **kwargs)
-        if read_only:
+        cmd = self._handle_command(op, req, principal)
+        handle = cmd.handle
+        if HANDLE_OPS[op][1]:  # read-only
             value = await self._read(cmd)
             if op not in CACHEABLE_OPS or req.get("cache") is not True:
                 return value
@@ -402,6 +458,29 @@ class CellService:
         if op in ("set_contents", "set_acl", "delete", "close"):
             return await self._modify(cmd, self._handle_paths(op, handle))
         return await self._propose(cmd)
+
+    def _handle_command(self, op: str, req: dict, principal: str) -> Any:
+        """The command for a call on a handle (`op` in HANDLE_OPS)."""
+        extra, _read_only = HANDLE_OPS[op]
+        try:
+            handle = HandleRef.from_wire(req.get("handle"))
+        except ValueError as exc:
+            raise CellError("bad_request", f"bad handle: {exc}") from None
+        kwargs = {k: req[k] for k in extra if k in req}
+        if "mode" in kwargs:
+            kwargs["mode"] = _mode(kwargs["mode"])
+        return _OP_CLASSES[op](now_ms=self.clock_ms(), session_id=_int(req, "session_id"),
+                               principal=principal, handle=handle, **kwargs)
+
+    def _forget_wait(self, cmd: Any, wait: _InlineWait | None) -> None:
+        key = (cmd.session_id, cmd.handle.handle_id)
+        if wait is not None and self._acquire_waiters.get(key) is wait:
+            del self._acquire_waiters[key]
+
+    def _lock_busy(self, cmd: c.Acquire) -> bool:
+        """Whether an Acquire would have to queue (as far as applied state says)."""
+        node = self._node_of(cmd.handle)
+        return node is not None and not node.lock.can_grant_now(cmd.mode, cmd.now_ms)
 
     def _check_epoch(self, req: dict) -> None:
         """A request names the master epoch its client last heard of (if it
@@ -521,12 +600,10 @@ class CellService:
         if previous is not None:
             previous.close()
         self._acquire_waiters[key] = send
-        # A held lock: the Acquire only queues, so it need not go out alone;
-        # it can share a round with the Release that will grant it.
-        node = self._node_of(cmd.handle)
-        lazy = node is not None and not node.lock.can_grant_now(cmd.mode, cmd.now_ms)
         try:
-            value = await self._propose(cmd, lazy=lazy)
+            # A held lock: the Acquire only queues, so it need not go out
+            # alone; it can share a round with the Release that will grant it.
+            value = await self._propose(cmd, lazy=self._lock_busy(cmd))
             if value.granted:
                 return value
             try:
@@ -699,11 +776,15 @@ class CellService:
         result: Result = await self.node.read(cmd)
         return _unwrap(result)
 
-    async def _propose(self, cmd: Any, *, lazy: bool = False) -> Any:
+    def _encode_checked(self, cmd: Any) -> bytes:
         data = c.encode_command(cmd)
         if len(data) > self.sm.limits.max_request_bytes:
             raise CellError("too_large", f"request of {len(data)} bytes exceeds {self.sm.limits.max_request_bytes}")
         c.decode_command(data)  # the cell would refuse it anyway; refuse before the log
+        return data
+
+    async def _propose(self, cmd: Any, *, lazy: bool = False) -> Any:
+        data = self._encode_checked(cmd)
         with trio.move_on_after(PROPOSAL_TIMEOUT_S):
             applied: ApplyResult = await self.node.propose(data, lazy=lazy)
             return _unwrap(applied.result)
@@ -713,6 +794,40 @@ class CellService:
         return {"epoch": self.epoch, "sessions": len(self.sm.sessions),
                 "blocked_acquires": len(self._acquire_waiters), "initialized": self.sm.cell is not None,
                 **self.cache.statistics()}
+
+
+# Calls on handles `handle_nowait` takes; those that change what clients may
+# cache go through the cache registry as `_modify` does.
+_MODIFYING_OPS = frozenset({"set_contents"})
+_INLINE_OPS = _MODIFYING_OPS | {"acquire", "try_acquire", "release"}
+
+
+class _InlineWait:
+    """A blocked Acquire taken by `handle_nowait`: answered by the apply that
+    grants (or ends) it, like the channel a waiting task reads."""
+
+    __slots__ = ("_reply_to",)
+
+    def __init__(self, reply_to: Callable[[dict | None, BaseException | None], None]) -> None:
+        self._reply_to = reply_to
+
+    def send_nowait(self, wakeup: LockWakeup) -> None:
+        if wakeup.code != ErrorCode.OK:
+            code = wakeup.code.name.lower()
+            self._reply_to({"error": code, "message": f"Acquire ended: {code}"}, None)
+        else:
+            self._reply_to({"ok": True, "value": value_to_wire(
+                c.LockResult(True, wakeup.lock_generation, wakeup.sequencer))}, None)
+
+    def close(self) -> None:
+        # Mastership moved while it waited: the client retries at the new master.
+        self._reply_to({"error": "retry", "message": "master changed while the Acquire waited"}, None)
+
+
+def _refusal(exc: CellError | MalformedCommand) -> dict:
+    if isinstance(exc, CellError):
+        return {"error": exc.code, "message": exc.message, **exc.fields}
+    return {"error": "bad_request", "message": str(exc)}
 
 
 def _unwrap(result: Result) -> Any:

@@ -160,8 +160,9 @@ class Replica:
                             OSError) as exc:
                         log.debug("client connection ended: %s", exc)
                         break
-                    if self.service is None and self._answer_kv_inline(request, outbox.put):
-                        outbox.write_nowait()  # a lease read answered at once
+                    if (self._answer_kv_inline(request, outbox.put) if self.service is None
+                            else self._answer_call_inline(request, principal, outbox)):
+                        outbox.write_nowait()  # answered at once, or later from the apply step
                     else:
                         nursery.start_soon(answer, request)
                 # The client is gone: nobody is left to answer, so stop
@@ -190,6 +191,19 @@ class Replica:
         except (NotLeaderError, ProposalLostError, ProposalDroppedError, ProposalOutcomeUnknownError,
                 KeyError, ValueError, TypeError) as exc:
             return _error_reply(self.cell, exc)
+
+    def _answer_call_inline(self, request: Any, principal: str, outbox: _ReplyOutbox) -> bool:
+        """A write or lock call the master can take without a task of its own
+        (`CellService.handle_nowait`); False: the general path answers it."""
+        if not isinstance(request, dict):
+            return False
+        assert self.service is not None
+        request_id = request.get("id")
+
+        def reply_to(reply: dict | None, error: BaseException | None) -> None:
+            outbox.put(reply if error is None else _error_reply(self.cell, error), request_id)
+
+        return self.service.handle_nowait(request, principal, reply_to)
 
     def _answer_kv_inline(self, request: Any, deliver: Callable[[dict, Any], None]) -> bool:
         """The register's hot path, without a task per request: a lease read

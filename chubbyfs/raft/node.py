@@ -231,15 +231,17 @@ class RaftNode:
         index, term = self.raw.propose(command)
         return await self._await_index(index, term, lazy)
 
-    def propose_nowait(self, command: bytes, on_done: Callable[[Any, BaseException | None], None]) -> None:
+    def propose_nowait(self, command: bytes, on_done: Callable[[Any, BaseException | None], None], *,
+                       lazy: bool = False) -> None:
         """Replicate `command`; `on_done(result, error)` is called from the
         apply step (or with an error as `propose` would raise it). Raises
-        NotLeaderError / ProposalDroppedError at once, like `propose`."""
+        NotLeaderError / ProposalDroppedError at once, like `propose`; `lazy`
+        as there."""
         if not self._resumed.is_set():
             raise ProposalDroppedError("replica is paused")
         index, term = self.raw.propose(command)
         self._register_proposal(index, _Callback(term, on_done))
-        self._kick()
+        self._kick(lazy)
 
     def read_nowait(self, query: Any) -> tuple[bool, Any]:
         """(True, answer) if the lease lets us answer at once, else (False, None)."""

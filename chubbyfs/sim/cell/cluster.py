@@ -188,21 +188,36 @@ class CellSimNode(SimNode):
             self.cluster.links.reply(self.id, packet, reply)
 
     async def _handle(self, service: CellService, request: dict) -> dict:
-        """What a replica's connection handler answers (as in cell/replica.py)."""
+        """What a replica's connection handler answers (as in cell/replica.py):
+        through the master's inline path when it takes the call, else its
+        general path."""
+        answered = trio.Event()
+        inline: dict = {}
+
+        def reply_to(reply: dict | None, error: BaseException | None) -> None:
+            inline["reply"] = reply if error is None else self._error_reply(error, request)
+            answered.set()
+
         try:
+            if service.handle_nowait(request, PRINCIPAL, reply_to):
+                await answered.wait()
+                return inline["reply"]
             return await service.handle(request, PRINCIPAL)
-        except NotLeaderError as exc:
-            return {"error": "not_leader", "leader": exc.leader}
-        except ProposalLostError as exc:
-            return {"error": "lost", "message": str(exc)}
-        except ProposalDroppedError as exc:
-            return {"error": "retry", "message": str(exc) or "proposal dropped"}
-        except ProposalOutcomeUnknownError as exc:
-            return {"error": "unavailable", "message": str(exc)}
         except Exception as exc:  # noqa: BLE001 - the master must answer every request
-            self.cluster.violations.append(
-                f"master on n{self.id} raised {type(exc).__name__} for {request.get('op')}: {exc}")
-            return {"error": "internal", "message": f"{type(exc).__name__}: {exc}"}
+            return self._error_reply(exc, request)
+
+    def _error_reply(self, exc: BaseException, request: dict) -> dict:
+        if isinstance(exc, NotLeaderError):
+            return {"error": "not_leader", "leader": exc.leader}
+        if isinstance(exc, ProposalLostError):
+            return {"error": "lost", "message": str(exc)}
+        if isinstance(exc, ProposalDroppedError):
+            return {"error": "retry", "message": str(exc) or "proposal dropped"}
+        if isinstance(exc, ProposalOutcomeUnknownError):
+            return {"error": "unavailable", "message": str(exc)}
+        self.cluster.violations.append(
+            f"master on n{self.id} raised {type(exc).__name__} for {request.get('op')}: {exc}")
+        return {"error": "internal", "message": f"{type(exc).__name__}: {exc}"}
 
     def crash(self) -> None:
         if self.raft is not None:
