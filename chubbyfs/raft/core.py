@@ -379,6 +379,24 @@ class Raft:
         else:
             self._tick_election()
 
+    def ticks_until_due(self) -> int:
+        """Ticks until `tick()` next acts: a leader's heartbeat (or a transfer
+        timing out), anyone else's election timeout. Until then ticks only
+        count, so a shell may sleep that long and deliver them in a burst
+        (as after a stall); a leader then checks its quorum at heartbeat
+        ticks only, at most a heartbeat interval late, which only delays a
+        step-down (its lease is judged from acknowledgement ticks at read
+        time, not from this check)."""
+        if self.role == Role.LEADER:
+            due = self.cfg.heartbeat_tick - self.heartbeat_elapsed
+            if self.lead_transferee != NONE:
+                due = min(due, self.cfg.election_tick - self.transfer_elapsed)
+        elif self.promotable():
+            due = self.randomized_election_timeout - self.election_elapsed
+        else:
+            due = self.cfg.election_tick
+        return max(1, due)
+
     def _tick_election(self) -> None:
         self.election_elapsed += 1
         if self.promotable() and self.election_elapsed >= self.randomized_election_timeout:

@@ -317,8 +317,10 @@ class RaftNode:
 
     # ---- the loop ------------------------------------------------------------------
 
-    def _catch_up_ticks(self) -> None:
-        """Tell the core about every tick that has passed in real time.
+    def _catch_up_ticks(self, *, wake: bool = True) -> None:
+        """Tell the core about every tick that has passed in real time
+        (`wake`: have the loop handle what they produce; not needed from
+        inside `_process`, which handles it itself).
 
         After a stall (a GC pause, SIGSTOP, a slow disk) the core must learn
         that time went on: its lease and election timers count ticks, and a
@@ -334,7 +336,8 @@ class RaftNode:
         for _ in range(min(due, self._max_tick_burst)):
             self.raw.tick()
         self._last_tick_at += due * self.tick_seconds
-        self._wakeup.set()
+        if wake:
+            self._wakeup.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -345,7 +348,11 @@ class RaftNode:
                 if not self._resumed.is_set():
                     await self._resumed.wait()
                 if not self._wakeup.is_set():
-                    with trio.move_on_at(self._last_tick_at + self.tick_seconds):
+                    # Sleep until a tick would do something, not every tick:
+                    # an idle replica otherwise wakes 100 times a second for
+                    # nothing. Ticks missed meanwhile come in one burst.
+                    ticks = self.raw.ticks_until_due()
+                    with trio.move_on_at(self._last_tick_at + self.tick_seconds * ticks):
                         await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 if self._failure is not None:
@@ -408,7 +415,7 @@ class RaftNode:
         self._processing = True
         self._riders = 0  # every unsent entry goes out with this Ready
         try:
-            self._catch_up_ticks()
+            self._catch_up_ticks(wake=False)
             while True:
                 try:
                     msg = self._inbound_recv.receive_nowait()
@@ -500,6 +507,7 @@ class RaftNode:
     def _on_soft_state(self, role: Role, leader: int) -> None:
         was_leader = self.role == Role.LEADER
         self.role, self.leader = role, leader
+        self._wakeup.set()  # the loop's next deadline depends on the role
         if self._trace:
             self._trace("role", {"role": role.name.lower(), "term": self.raw.status().term, "leader": leader})
         if was_leader and role != Role.LEADER:

@@ -55,6 +55,10 @@ class RawNode:
     def tick(self) -> None:
         self._raft.tick()
 
+    def ticks_until_due(self) -> int:
+        """Ticks the shell may let pass before ticking again (see Raft.ticks_until_due)."""
+        return self._raft.ticks_until_due()
+
     def campaign(self) -> None:
         """Start an election now (ignored while a live leader is known: its
         lease counts on our vote)."""

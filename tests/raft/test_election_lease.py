@@ -256,3 +256,27 @@ def test_pending_reads_are_dropped_when_leadership_is_lost() -> None:
     net.raw(1).assert_invariants()
     net.stabilize()
     assert net.nodes[1].read_states == []
+
+
+# ---- how long a shell may sleep between ticks ---------------------------------------
+
+def test_ticks_until_due_is_the_next_heartbeat_or_election() -> None:
+    net = Network([1, 2, 3], seed=7)
+    follower = net.raw(2)._raft
+    assert follower.ticks_until_due() == follower.randomized_election_timeout - follower.election_elapsed
+    net.elect(1)
+    leader = net.raw(1)._raft
+    beat = leader.cfg.heartbeat_tick
+    assert leader.ticks_until_due() == beat - leader.heartbeat_elapsed
+    # Sleeping that long and ticking in a burst sends the heartbeat on the last tick.
+    for _ in range(leader.ticks_until_due() - 1):
+        net.tick(1)
+        net.process_ready(1)
+        assert not any(m.type == MessageType.HEARTBEAT for m in net.msgs)
+    net.tick(1)
+    net.process_ready(1)
+    assert any(m.type == MessageType.HEARTBEAT for m in net.msgs)
+    assert leader.ticks_until_due() == beat
+    # A leadership transfer that may time out sooner bounds it too.
+    leader.lead_transferee, leader.transfer_elapsed = 2, leader.cfg.election_tick - 1
+    assert leader.ticks_until_due() == 1

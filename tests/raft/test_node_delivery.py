@@ -116,11 +116,12 @@ async def test_a_failure_surfaces_in_the_loop_not_in_the_caller() -> None:
 
 # ---- proposals: a lone one goes out from the proposer's task, a lazy one rides along ----
 
-async def _leader(nursery: trio.Nursery, storage: MemoryStorage | None = None) -> tuple[RaftNode, _Outbox]:
+async def _leader(nursery: trio.Nursery, storage: MemoryStorage | None = None,
+                  config: Config | None = None) -> tuple[RaftNode, _Outbox]:
     storage = storage or MemoryStorage()
     bootstrap_storage(storage, [1, 2, 3])
     outbox = _Outbox()
-    node = RaftNode(config=Config(id=1, pre_vote=False), storage=storage, transport=outbox,
+    node = RaftNode(config=config or Config(id=1, pre_vote=False), storage=storage, transport=outbox,
                     state_machine=_Applied(), rng=random.Random(1), tick_seconds=0.05)
     await nursery.start(node.run)
     node.raw.campaign()
@@ -131,6 +132,7 @@ async def _leader(nursery: trio.Nursery, storage: MemoryStorage | None = None) -
     last = node.raw.status().last_index
     node.deliver_now([Message(type=MessageType.APPEND_RESP, to=1, frm=peer, term=term, index=last)
                       for peer in (2, 3)])
+    await trio.testing.wait_all_tasks_blocked()  # the loop has seen the new role
     outbox.sent.clear()
     return node, outbox
 
@@ -221,4 +223,24 @@ async def test_new_entries_reach_the_fastest_follower_before_the_leaders_fsync()
         # fsync; the other right after, in the same step.
         assert spy.sent_at_sync == [{3: [b"b"]}]
         assert _sent_entries(outbox) == {3: [b"b"], 2: [b"b"]}
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_leader_wakes_for_heartbeats_not_for_every_tick() -> None:
+    async with trio.open_nursery() as nursery:
+        config = Config(id=1, pre_vote=False, heartbeat_tick=3, election_tick=10)
+        node, outbox = await _leader(nursery, config=config)
+        wakeups = 0
+        process = node._process
+
+        def counting() -> None:
+            nonlocal wakeups
+            wakeups += 1
+            process()
+
+        node._process = counting  # type: ignore[method-assign]
+        await trio.sleep(0.4)  # 8 ticks of 50 ms: within the quorum's election timeout
+        heartbeats = sum(m.type == MessageType.HEARTBEAT for m in outbox.sent) // 2
+        assert node.role.name == "LEADER" and heartbeats >= 2
+        assert wakeups <= heartbeats + 1  # one per heartbeat round, not one per tick
         nursery.cancel_scope.cancel()
