@@ -93,6 +93,16 @@ class _Stats:
         return {"renewals": self.renewals, "errors": self.errors, "expired": self.expired,
                 "first_error": self.first_error}
 
+    async def count_window(self, window: dict) -> None:
+        """Renewals are counted inside the CPU window only, so that the rate
+        and the CPU time cover the same seconds."""
+        import trio
+
+        await trio.sleep(max(0.0, window["t0"] - time.monotonic()))
+        before = self.renewals
+        await trio.sleep(max(0.0, window["t1"] - time.monotonic()))
+        self.renewals -= before
+
 
 async def _chubbyfs_idle_worker(spec: dict) -> None:
     """`sessions` sessions, each with one KeepAlive always outstanding, acking
@@ -164,8 +174,7 @@ async def _chubbyfs_idle_worker(spec: dict) -> None:
                     nursery.start_soon(make, i)
                     await trio.sleep(1 / CREATE_RATE_PER_S)
             _ready()
-            window = await trio.to_thread.run_sync(_read_line)
-            await trio.sleep(max(0.0, window["t1"] - time.monotonic()))
+            await stats.count_window(await trio.to_thread.run_sync(_read_line))
             sessions.cancel_scope.cancel()
     _report(stats.as_dict())
 
@@ -241,8 +250,7 @@ async def _zookeeper_idle_worker(spec: dict) -> None:
         while len(connected) < spec["sessions"]:
             await trio.sleep(0.05)
         _ready()
-        window = await trio.to_thread.run_sync(_read_line)
-        await trio.sleep(max(0.0, window["t1"] - time.monotonic()))
+        await stats.count_window(await trio.to_thread.run_sync(_read_line))
         nursery.cancel_scope.cancel()
     _report(stats.as_dict())
 
@@ -380,7 +388,9 @@ class IdlePoint:
     cpu_percent_leader: float  # the master / ZooKeeper leader alone
     rss_mb_all: float
     rss_mb_leader: float
-    renewals_per_s: float  # KeepAlive replies / pings answered
+    renewals_per_s: float  # KeepAlive replies / pings answered, in the CPU window
+    cpu_us_per_renewal_all: float  # the 3 servers' CPU per renewal
+    cpu_us_per_renewal_leader: float
     log_entries_per_s: float  # chubbyfs: Raft entries (lease extensions, Ticks)
     sessions_alive_at_end: int
     master_changes: int  # chubbyfs: Raft term changes from the start of the sessions to the end
@@ -407,12 +417,15 @@ def measure_idle(system: str, n: int, args: argparse.Namespace, specs: list[dict
     (_, first), (t_ready, ready), (t_end, end) = marks
     server_s = window.cpu_s["leader"] + window.cpu_s["followers"]
     commit0, commit1 = ready.get("commit", -1), end.get("commit", -1)
+    renewals = sum(r["renewals"] for r in results)
     return IdlePoint(
         system=system, sessions=n, window_s=window.duration_s,
         cpu_percent_all=server_s / window.duration_s * 100,
         cpu_percent_leader=window.cpu_s["leader"] / window.duration_s * 100,
         rss_mb_all=sum(rss.values()), rss_mb_leader=rss[leader_pid],
-        renewals_per_s=sum(r["renewals"] for r in results) / (t_end - t_ready),
+        renewals_per_s=renewals / window.duration_s,
+        cpu_us_per_renewal_all=server_s / renewals * 1e6 if renewals else float("nan"),
+        cpu_us_per_renewal_leader=window.cpu_s["leader"] / renewals * 1e6 if renewals else float("nan"),
         log_entries_per_s=(commit1 - commit0) / (t_end - t_ready) if commit0 >= 0 else float("nan"),
         sessions_alive_at_end=end.get("master", {}).get("sessions", -1),
         master_changes=end.get("term", 0) - first.get("term", 0),
@@ -642,7 +655,8 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
              f"Idle sessions ({LEASE_MS // 1000} s leases / session timeout), {args.window:g} s window after "
              f"{args.settle:g} s settling; CPU in % of one core",
              f"{'sessions':>8} {'system':<9} | {'cpu all':>7} {'master':>7} {'rss all':>8} {'master':>7} "
-             f"{'renew/s':>8} {'log/s':>6} {'alive':>6} {'err':>4} {'exp':>4} {'fail':>4} | {'other':>5}"]
+             f"{'renew/s':>8} {'us/ren':>6} {'master':>6} {'log/s':>6} {'alive':>6} {'err':>4} {'exp':>4} "
+             f"{'fail':>4} | {'other':>5}"]
     lines.append("-" * len(lines[-1]))
     for n in args.sessions:
         for s, r in results.items():
@@ -650,6 +664,7 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
                 if p.sessions == n:
                     lines.append(f"{n:>8} {s:<9} | {p.cpu_percent_all:>6.1f}% {p.cpu_percent_leader:>6.1f}% "
                                  f"{p.rss_mb_all:>6.0f}MB {p.rss_mb_leader:>5.0f}MB {p.renewals_per_s:>8.0f} "
+                                 f"{_num(p.cpu_us_per_renewal_all):>6} {_num(p.cpu_us_per_renewal_leader):>6} "
                                  f"{_num(p.log_entries_per_s):>6} {_known(p.sessions_alive_at_end):>6} {p.errors:>4} "
                                  f"{p.expired:>4} {_known(p.master_changes if s == 'chubbyfs' else -1):>4} | "
                                  f"{p.other_cpu_percent:>4.0f}%")
@@ -669,7 +684,8 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
                   f"the write was called; the write took {inv.write_p50_ms:.1f} ms (p50), "
                   f"{inv.write_uncached_p50_ms:.1f} ms with nobody caching; late drops: {inv.late_drops}"]
     lines += ["", "cpu/rss all: the 3 servers summed; master: the chubbyfs master / ZooKeeper leader alone. "
-              "renew/s: KeepAlive replies / pings answered. log/s: Raft entries appended (lease extensions "
+              "renew/s: KeepAlive replies / pings answered in the window; us/ren: the servers' CPU per renewal "
+              "(all, master). log/s: Raft entries appended (lease extensions "
               "and Ticks). alive: sessions the master holds at the end. fail: master changes (chubbyfs). other: machine CPU used by neither "
               f"the servers nor the clients (of {os.cpu_count() * 100}%)."]
     return "\n".join(lines)

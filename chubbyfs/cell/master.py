@@ -38,12 +38,13 @@ carry the epoch they were made in.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -59,6 +60,7 @@ from . import names
 from .cache_registry import CacheRegistry
 from .commands import ApplyResult, ErrorCode, LockWakeup, MalformedCommand, Result
 from .handles import HandleRef
+from .keep_alive_core import HeldKeepAlives, LeaseBatch, Link, PendingKeepAlive, ReplyTo
 from .state_machine import CellStateMachine
 
 log = logging.getLogger(__name__)
@@ -70,11 +72,24 @@ DEFAULT_SESSION_LEASE_MS = 12_000
 # over and re-creates its handles on its next KeepAlive.
 EPHEMERAL_GRACE_LEASES = 5
 IDLE_TICK_MS = 1_000  # stamped time moves at least this often on an idle cell
-# KeepAlives arriving within this long share one ExtendLeases entry. The
-# reply waits for it, which costs a held KeepAlive nothing (its lease counts
-# from when it was sent) and keeps the log to ~20 entries/s however many
-# sessions there are.
-LEASE_BATCH_S = 0.05
+# Lease extensions due within this long (at most a 40th of the lease) share
+# one ExtendLeases entry. The reply waits for it, which costs a held
+# KeepAlive nothing (its lease counts from when the hold ended) and keeps the
+# log to a few entries a second however many sessions there are: every entry
+# costs each replica a disk sync and a round of Raft messages.
+LEASE_BATCH_MAX_MS = 200
+# ... and at most this many sessions: after a fail-over every session renews
+# at once, and one entry for all of them would keep each replica's Raft loop
+# busy applying it past the election timeout.
+LEASE_BATCH_MAX_SESSIONS = 1_000
+# The KeepAlive timer sleeps at least this long (at most a 240th of the
+# lease) unless woken: holds end at every millisecond (their spread), and a
+# wakeup each would cost more than the KeepAlives. Holds end up to this late,
+# well inside their margin; deliveries wake the timer at once.
+TIMER_GRAIN_MAX_MS = 50
+# KeepAlives the timer answers before it lets other tasks (the Raft loop)
+# run: answering is a little work each, for thousands at once after a fail-over.
+KEEP_ALIVE_ROUND = 256
 PROPOSAL_TIMEOUT_S = 10.0
 # KeepAlives the master works on at once. After a fail-over every session's
 # KeepAlive arrives together; unbounded, one trio batch of them delays the
@@ -133,6 +148,15 @@ class _Reply:
         self.extra = extra
 
 
+class _Call:
+    """The `Link` of a KeepAlive made as a call: closed once the caller stops waiting."""
+
+    __slots__ = ("closed",)
+
+    def __init__(self) -> None:
+        self.closed = False
+
+
 class CellError(Exception):
     def __init__(self, code: str, message: str = "", **fields: Any) -> None:
         super().__init__(message or code)
@@ -175,22 +199,27 @@ class CellService:
         self.epoch = 0  # 0 while not serving as master
         self._session_ids: itertools.count[int] = itertools.count(1)
         self._acquire_waiters: dict[tuple[int, int], trio.MemorySendChannel[LockWakeup]] = {}
-        self._pending_leases: dict[int, int] = {}
-        self._pending_renewals: dict[int, int] = {}  # handle_id -> session_id, re-created next batch
         self._declared: set[int] = set()  # sessions that listed the handles they hold, this epoch
-        self._lease_batch: trio.Event | None = None
-        self._lease_batch_done = trio.Event()
         self._wake_ticker = trio.Event()
         self._ready = trio.Event()  # set while serving as master
         # A held KeepAlive returns this long before the lease it renews ends,
         # leaving the client time to send the next one.
         self.keep_alive_margin_ms = session_lease_ms // 4
-        self._keep_alive_wakeups: dict[int, trio.Event] = {}
-        # Held KeepAlives' ends, (hold_until_ms, n, wakeup): one timer task
-        # ends them all, which is far cheaper than a cancel scope each.
-        self._holds: list[tuple[int, int, trio.Event]] = []
-        self._hold_numbers = itertools.count()
-        self._holds_changed = trio.Event()
+        # KeepAlives in flight (see keep_alive_core.py): held ones, those whose
+        # hold ended early (woken) and those whose lease extension has been
+        # applied (extended) wait for one timer task to answer them; the
+        # lease batch gathers extensions for the next ExtendLeases entry.
+        self._held = HeldKeepAlives()
+        self._woken: deque[PendingKeepAlive] = deque()
+        self._extended: deque[PendingKeepAlive] = deque()
+        self._lease_batch = LeaseBatch(min(LEASE_BATCH_MAX_MS, session_lease_ms // 40), LEASE_BATCH_MAX_SESSIONS)
+        self._extending = False  # an ExtendLeases entry is in flight
+        self._timer_wake = trio.Event()
+        self._timer_deadline_ms: int | None = None  # when the timer task wakes up next on its own
+        self._timer_grain_ms = max(1, min(TIMER_GRAIN_MAX_MS, session_lease_ms // 240))
+        # Writes the replies that `reply_to` callbacks queued (the replica's
+        # connections); the timer calls it after each round.
+        self.flush_replies: Callable[[], None] = lambda: None
         self._keep_alive_slots = trio.CapacityLimiter(KEEP_ALIVE_CONCURRENCY)
         self.cache = CacheRegistry()
         self._cache_changed = trio.Event()  # an ack, an expiry or a session end settled waits
@@ -224,9 +253,10 @@ class CellService:
     def _wake(self, session_ids: set[int]) -> None:
         """Held KeepAlives of these sessions have something to deliver."""
         for session_id in session_ids:
-            wake = self._keep_alive_wakeups.pop(session_id, None)
-            if wake is not None:
-                wake.set()
+            ka = self._held.wake(session_id)
+            if ka is not None:
+                self._woken.append(ka)
+                self._timer_wake.set()
 
     def _notify_cache(self) -> None:
         self._cache_changed.set()
@@ -237,8 +267,7 @@ class CellService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._lease_batcher)
-            nursery.start_soon(self._hold_timer)
+            nursery.start_soon(self._keep_alive_timer)
             while True:
                 if self.node.role == Role.LEADER and self.epoch != self.node.term:
                     await self._become_master()
@@ -281,7 +310,7 @@ class CellService:
             return
         if self.node.role != Role.LEADER or self.node.term != term:
             return
-        self._pending_renewals.clear()  # of an earlier epoch: handles need re-creating again
+        self._lease_batch.renew.clear()  # of an earlier epoch: handles need re-creating again
         self._declared.clear()
         self.cache.reset()
         self.cache.fail_over(self.sm.session_lease_ends())
@@ -295,15 +324,17 @@ class CellService:
         log.info("no longer master (epoch %d)", self.epoch)
         self.epoch = 0
         self._ready = trio.Event()
-        self._pending_renewals.clear()
         self._declared.clear()
         self.cache.reset()
         self._notify_cache()
-        # Held KeepAlives go back to their clients, which find the new master.
-        for wake in self._keep_alive_wakeups.values():
-            wake.set()
-        self._keep_alive_wakeups.clear()
-        self._holds.clear()
+        # KeepAlives go back to their clients, which find the new master
+        # (those whose ExtendLeases is in flight hear when it is settled).
+        gone = NotLeaderError(self.node.leader)
+        for ka in [*self._held.drain(), *self._woken, *self._extended, *self._lease_batch.take()[2]]:
+            ka.answer(None, gone)
+        self._woken.clear()
+        self._extended.clear()
+        self.flush_replies()
         # Blocked Acquires are answered by the client retrying at the new master.
         for waiter in self._acquire_waiters.values():
             waiter.close()
@@ -415,11 +446,7 @@ class CellService:
             return {"session_id": created.session_id, "lease_end_ms": created.lease_end_ms,
                     "lease_ms": self.session_lease_ms, "epoch": self.epoch}
         if op == "keep_alive":
-            ack = req.get("ack")
-            if ack is not None:
-                ack = _int(req, "ack")
-            return await self._keep_alive(_int(req, "session_id"), bool(req.get("hold", False)), ack,
-                                          req.get("ack_epoch"), _handle_ids(req))
+            return await self._keep_alive(*_keep_alive_args(req))
         session_id = _int(req, "session_id")
         if op == "end_session":
             return await self._modify(c.EndSession(now_ms=self.clock_ms(), session_id=session_id),
@@ -619,8 +646,59 @@ class CellService:
             if self._acquire_waiters.get(key) is send:
                 del self._acquire_waiters[key]
 
+    def keep_alive_nowait(self, request: dict, reply_to: Callable[[dict | None, BaseException | None], None],
+                          link: Link) -> bool:
+        """Take a KeepAlive straight from a connection's read loop, without a
+        task: `reply_to(reply, error)` is called once, later or at once, as
+        for `handle_nowait`, unless `link` (the connection) has closed by
+        then. False when it needs the general path (`handle`): no master
+        serving yet, or a session our applied state does not know (a read
+        barrier decides that)."""
+        if not self._ready.is_set():
+            return False
+        try:
+            args = _keep_alive_args(request)
+        except CellError as exc:
+            reply_to(_refusal(exc), None)
+            return True
+        if args[0] not in self.sm.sessions:
+            return False
+        self._start_keep_alive(*args, partial(_reply_as_wire, reply_to), link)
+        return True
+
     async def _keep_alive(self, session_id: int, hold: bool, ack: int | None = None,
                           ack_epoch: Any = None, handle_ids: list[int] | None = None) -> dict:
+        """A KeepAlive as a call (the general path; `keep_alive_nowait` is the
+        replica's fast one): the same protocol, waited for here."""
+        async with self._keep_alive_slots:
+            await trio.lowlevel.checkpoint()  # the slot is held across a turn of the scheduler
+        if session_id not in self.sm.sessions:
+            # Our applied state may be behind (a deposed master, or one still
+            # catching up): decide "gone" only after a read barrier.
+            await self.node.read(None)
+            if session_id not in self.sm.sessions:
+                raise CellError("session_expired", f"session {session_id} does not exist or has ended")
+        if not self.epoch:
+            raise NotLeaderError(self.node.leader)
+        answered = trio.Event()
+        outcome: list[Any] = []
+        call = _Call()
+
+        def reply_to(value: Any, error: BaseException | None) -> None:
+            outcome[:] = [value, error]
+            answered.set()
+
+        self._start_keep_alive(session_id, hold, ack, ack_epoch, handle_ids, reply_to, call)
+        try:
+            await answered.wait()
+        finally:
+            call.closed = True  # cancelled (the client went away): no extension for it
+        if outcome[1] is not None:
+            raise outcome[1]
+        return outcome[0]
+
+    def _start_keep_alive(self, session_id: int, hold: bool, ack: int | None, ack_epoch: Any,
+                          handle_ids: list[int] | None, reply_to: ReplyTo, link: Link) -> None:
         """A long poll: held until shortly before the lease we promised ends
         (or until the master has something for the session, or steps down),
         then the lease is extended, replicated first, and the reply says by
@@ -635,15 +713,9 @@ class CellService:
         A KeepAlive from a client that has heard of this epoch re-creates the
         session's handles in it: those in `handle_ids` (what the client still
         holds; the library sends them once, right after the fail-over), or,
-        for a client that never says, all of them."""
-        async with self._keep_alive_slots:
-            await trio.lowlevel.checkpoint()  # the slot is held across a turn of the scheduler
-        if session_id not in self.sm.sessions:
-            # Our applied state may be behind (a deposed master, or one still
-            # catching up): decide "gone" only after a read barrier.
-            await self.node.read(None)
-            if session_id not in self.sm.sessions:
-                raise CellError("session_expired", f"session {session_id} does not exist or has ended")
+        for a client that never says, all of them.
+
+        Precondition: serving as master, and the session is in applied state."""
         if ack is not None and (ack_epoch is None or ack_epoch == self.epoch):
             failover_was_pending = self.cache.failover_pending(session_id)
             # Wake the waiters when a modification finished, and when the ack
@@ -654,53 +726,68 @@ class CellService:
                 self._notify_cache()
         if ack is None or ack_epoch == self.epoch:
             self._renew_handles(session_id, handle_ids)
-        received_ms = self.clock_ms()
+        now = self.clock_ms()
+        ka = PendingKeepAlive(session_id, hold=hold, acks=ack is not None, received_ms=now, reply_to=reply_to,
+                              link=link)
         promised = self.sm.sessions[session_id].lease_end_ms
         hold_until_ms = promised - self.keep_alive_margin_ms - self._spread_ms(session_id)
-        if hold and hold_until_ms > received_ms and not self.cache.has_pending(session_id):
-            wake = self._keep_alive_wakeups.setdefault(session_id, trio.Event())
-            if not self._holds or hold_until_ms < self._holds[0][0]:
-                self._holds_changed.set()
-            heapq.heappush(self._holds, (hold_until_ms, next(self._hold_numbers), wake))
-            await wake.wait()
-            if self._keep_alive_wakeups.get(session_id) is wake:
-                del self._keep_alive_wakeups[session_id]
-            if not self.epoch:
-                raise NotLeaderError(self.node.leader)
-        now = self.clock_ms()
-        session = self.sm.sessions.get(session_id)
+        if hold and hold_until_ms > now and not self.cache.has_pending(session_id):
+            displaced = self._held.hold(ka, hold_until_ms)
+            if displaced is not None:
+                self._end_hold(displaced, now)  # its client has moved on to this one
+            self._timer_due(hold_until_ms)
+        else:
+            self._end_hold(ka, now)
+
+    def _end_hold(self, ka: PendingKeepAlive, now: int) -> None:
+        """The hold is over: extend the lease (answered once that is
+        applied), or, woken early with most of the lease left, answer now
+        promising only what is already replicated (no log write per delivery).
+        One whose client went away is dropped: no answer, no extension."""
+        if ka.abandoned:
+            return
+        if not self.epoch:
+            ka.answer(None, NotLeaderError(self.node.leader))
+            return
+        session = self.sm.sessions.get(ka.session_id)
         if session is None:
-            raise CellError("session_expired", f"session {session_id} has ended")
+            ka.answer(None, CellError("session_expired", f"session {ka.session_id} has ended"))
+            return
         lease_ms = session.lease_end_ms - now
-        if not hold or lease_ms < self.session_lease_ms // 2:
-            lease_end = now + self.session_lease_ms
-            self._pending_leases[session_id] = max(lease_end, self._pending_leases.get(session_id, 0))
-            batch = self._lease_batch_done
-            if self._lease_batch is not None:
-                self._lease_batch.set()
-            await batch.wait()
-            session = self.sm.sessions.get(session_id)
-            if session is None:
-                raise CellError("session_expired", f"session {session_id} has ended")
-            if session.lease_end_ms < lease_end:
-                # The extension did not commit (mastership moved, say): the
-                # session lives on; the client asks again, maybe elsewhere.
-                raise CellError("retry", f"lease extension of session {session_id} not committed")
-            lease_ms = self.session_lease_ms
-        # else: woken early with most of the lease left; the reply promises
-        # only what is already replicated, so no log write per delivery.
+        if ka.hold and lease_ms >= self.session_lease_ms // 2:
+            self._answer(ka, lease_ms, now)
+            return
+        self._lease_batch.add(ka, now + self.session_lease_ms, now)
+        self._timer_due(self._lease_batch.next_deadline_ms())
+
+    def _answer_extended(self, ka: PendingKeepAlive) -> None:
+        """Its lease extension has been applied (or failed)."""
+        session = self.sm.sessions.get(ka.session_id)
+        if session is None:
+            ka.answer(None, CellError("session_expired", f"session {ka.session_id} has ended"))
+        elif session.lease_end_ms < ka.lease_end_ms:
+            # The extension did not commit (mastership moved, say): the
+            # session lives on; the client asks again, maybe elsewhere.
+            ka.answer(None, CellError("retry", f"lease extension of session {ka.session_id} not committed"))
+        else:
+            self._answer(ka, self.session_lease_ms, ka.lease_end_ms - self.session_lease_ms)
+
+    def _answer(self, ka: PendingKeepAlive, lease_ms: int, lease_from_ms: int) -> None:
         if not self.epoch or self.node.role != Role.LEADER or self.node.term != self.epoch:
             # Deposed, maybe not noticed yet (after a pause, say): our items
             # are an older epoch's, and must not reach a client that may
             # already have heard from the new master.
-            raise NotLeaderError(self.node.leader)
+            ka.answer(None, NotLeaderError(self.node.leader))
+            return
+        session_id = ka.session_id
         items = self.cache.pending(session_id)
-        if ack is None and items and self.cache.ack(session_id, items[-1].seq):
+        if not ka.acks and items and self.cache.ack(session_id, items[-1].seq):
             # A client that sends no `ack` neither caches nor watches: what is
             # delivered counts as processed.
             self._notify_cache()
-        return {"session_id": session_id, "lease_ms": lease_ms, "held_ms": max(0, now - received_ms),
-                "epoch": self.epoch, "items": [item.to_wire() for item in items]}
+        ka.answer({"session_id": session_id, "lease_ms": lease_ms,
+                   "held_ms": max(0, lease_from_ms - ka.received_ms), "epoch": self.epoch,
+                   "items": [item.to_wire() for item in items]})
 
     def _spread_ms(self, session_id: int) -> int:
         """A fixed offset per session, within a third of the margin, by which
@@ -711,17 +798,69 @@ class CellService:
         often.) Derived from the id, not drawn, so that runs replay exactly."""
         return (session_id * 2654435761 >> 16) % max(1, self.keep_alive_margin_ms // 3)
 
-    async def _hold_timer(self) -> None:
-        """End each held KeepAlive when its time comes (an earlier wakeup,
-        items or a step-down, may have ended it already)."""
-        while True:
-            now = self.clock_ms()
-            while self._holds and self._holds[0][0] <= now:
-                heapq.heappop(self._holds)[2].set()
-            changed = self._holds_changed = trio.Event()
-            wait_s = 1.0 if not self._holds else (self._holds[0][0] - now) / 1000
-            with trio.move_on_after(min(1.0, max(0.001, wait_s))):
-                await changed.wait()
+    def _timer_due(self, at_ms: int | None) -> None:
+        """Something needs the KeepAlive timer at `at_ms`: wake it if it
+        would sleep past that."""
+        if at_ms is not None and (self._timer_deadline_ms is None or at_ms < self._timer_deadline_ms):
+            self._timer_deadline_ms = at_ms
+            self._timer_wake.set()
+
+    async def _keep_alive_timer(self) -> None:
+        """The one task that ends holds, starts lease batches and answers
+        KeepAlives, a round at a time, writing each round's replies
+        together (one write per connection)."""
+        async with trio.open_nursery() as batches:
+            while True:
+                self._timer_wake = trio.Event()
+                now = self.clock_ms()
+                more = self._keep_alive_round(now, batches)
+                self.flush_replies()
+                if more:
+                    await trio.lowlevel.checkpoint()  # the Raft loop's turn
+                    continue
+                # An entry in flight wakes us when it is done (the next batch waits for it).
+                batch_due = None if self._extending else self._lease_batch.next_deadline_ms()
+                deadlines = [d for d in (self._held.next_deadline_ms(), batch_due) if d is not None]
+                wait_ms = min(1_000, max(self._timer_grain_ms, min(deadlines, default=now + 1_000) - now))
+                self._timer_deadline_ms = now + wait_ms
+                with trio.move_on_after(wait_ms / 1000):
+                    await self._timer_wake.wait()
+
+    def _keep_alive_round(self, now: int, batches: trio.Nursery) -> bool:
+        """Up to KEEP_ALIVE_ROUND KeepAlives' worth of work; True if more is waiting."""
+        budget = KEEP_ALIVE_ROUND
+        while budget and self._extended:
+            self._answer_extended(self._extended.popleft())
+            budget -= 1
+        while budget and self._woken:
+            self._end_hold(self._woken.popleft(), now)
+            budget -= 1
+        for ka in self._held.due(now, budget):
+            self._end_hold(ka, now)
+            budget -= 1
+        if self.epoch and not self._extending and self._lease_batch.ready(now):
+            self._extending = True
+            batches.start_soon(self._extend_leases, now, *self._lease_batch.take())
+        return budget == 0
+
+    async def _extend_leases(self, now: int, leases: dict[int, int], renew: dict[int, int],
+                             waiting: list[PendingKeepAlive]) -> None:
+        """One ExtendLeases entry for a batch (a task per entry, a few a
+        second); its KeepAlives go back to the timer once it is applied.
+        One at a time: a later-stamped entry that overtook this one (both
+        waiting for a paused node, say) would expire the sessions this one
+        extends."""
+        try:
+            await self._propose(c.ExtendLeases(now_ms=now, leases=leases, renew=renew))
+        except _PROPOSAL_FAILED as exc:
+            log.debug("lease extension failed: %s", exc)
+            if self.epoch:
+                # No client asks again for these: retry with a later batch.
+                self._lease_batch.add_renewals(renew, self.clock_ms())
+        finally:
+            self._extending = False
+        self._extended.extend(waiting)
+        self._timer_wake.set()
 
     def _renew_handles(self, session_id: int, handle_ids: list[int] | None) -> None:
         """Re-create the session's handles in this epoch (next lease batch):
@@ -735,33 +874,11 @@ class CellService:
             return
         own = self.sm.session_handle_ids(session_id)
         keep = own if handle_ids is None else set(own).intersection(handle_ids)
-        for handle_id in keep:
-            if handle_id in self.sm.unconfirmed:
-                self._pending_renewals[handle_id] = session_id
-        if self._pending_renewals and self._lease_batch is not None:
-            self._lease_batch.set()
-
-    async def _lease_batcher(self) -> None:
-        """One ExtendLeases entry for all KeepAlives that arrive together
-        (and the handle re-creations that came with fail-over acks)."""
-        while True:
-            self._lease_batch = trio.Event()
-            if not self._pending_leases and not self._pending_renewals:
-                await self._lease_batch.wait()
-            await trio.sleep(LEASE_BATCH_S)
-            leases, self._pending_leases = self._pending_leases, {}
-            renew, self._pending_renewals = self._pending_renewals, {}
-            done, self._lease_batch_done = self._lease_batch_done, trio.Event()
-            try:
-                await self._propose(c.ExtendLeases(now_ms=self.clock_ms(), leases=leases, renew=renew))
-            except _PROPOSAL_FAILED as exc:
-                log.debug("lease extension failed: %s", exc)
-                if self.epoch:
-                    # No client asks again for these: retry with a later batch.
-                    self._pending_renewals = {**renew, **self._pending_renewals}
-                    await trio.sleep(0.1)
-            finally:
-                done.set()
+        unconfirmed = self.sm.unconfirmed
+        renew = {handle_id: session_id for handle_id in keep if handle_id in unconfirmed}
+        if renew:
+            self._lease_batch.add_renewals(renew, self.clock_ms())
+            self._timer_due(self._lease_batch.next_deadline_ms())
 
     async def _wait_master(self) -> None:
         if not self._ready.is_set():
@@ -791,7 +908,7 @@ class CellService:
         raise CellError("timeout", "not committed in time; outcome unknown")
 
     def statistics(self) -> dict:
-        return {"epoch": self.epoch, "sessions": len(self.sm.sessions),
+        return {"epoch": self.epoch, "sessions": len(self.sm.sessions), "held_keep_alives": len(self._held),
                 "blocked_acquires": len(self._acquire_waiters), "initialized": self.sm.cell is not None,
                 **self.cache.statistics()}
 
@@ -824,6 +941,18 @@ class _InlineWait:
         self._reply_to({"error": "retry", "message": "master changed while the Acquire waited"}, None)
 
 
+def _reply_as_wire(reply_to: Callable[[dict | None, BaseException | None], None], value: Any,
+                   error: BaseException | None) -> None:
+    """A KeepAlive's outcome as `handle_nowait` reports one: a refusal as its
+    reply, a Raft-layer error (not_leader) for the replica to report."""
+    if error is None:
+        reply_to({"ok": True, "value": value}, None)
+    elif isinstance(error, CellError):
+        reply_to(_refusal(error), None)
+    else:
+        reply_to(None, error)
+
+
 def _refusal(exc: CellError | MalformedCommand) -> dict:
     if isinstance(exc, CellError):
         return {"error": exc.code, "message": exc.message, **exc.fields}
@@ -840,6 +969,13 @@ def _field(req: dict, name: str) -> Any:
     if name not in req:
         raise CellError("bad_request", f"missing field {name!r}")
     return req[name]
+
+
+def _keep_alive_args(req: dict) -> tuple[int, bool, int | None, Any, list[int] | None]:
+    """A KeepAlive's fields: session_id, hold, ack, ack_epoch, handles."""
+    ack = req.get("ack")
+    return (_int(req, "session_id"), bool(req.get("hold", False)), None if ack is None else _int(req, "ack"),
+            req.get("ack_epoch"), _handle_ids(req))
 
 
 def _handle_ids(req: dict) -> list[int] | None:

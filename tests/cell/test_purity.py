@@ -18,6 +18,7 @@ CORE_MODULES = [
     PACKAGE / "cell" / "acl.py",
     PACKAGE / "cell" / "handles.py",
     PACKAGE / "cell" / "cache_registry.py",
+    PACKAGE / "cell" / "keep_alive_core.py",
 ]
 
 
