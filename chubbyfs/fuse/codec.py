@@ -307,17 +307,56 @@ _DECODERS: dict[int, Callable[[int, bytes, DecodeOptions], object]] = {
 DECODED_OPCODES: frozenset[int] = frozenset(int(op) for op in _DECODERS)
 
 
-def decode_header(buf: bytes) -> rq.InHeader:
-    """The 40-byte header of one request, checked against the buffer."""
+def split_request(buf: bytes) -> tuple[tuple[int, ...], bytes]:
+    """The header's fields as `abi.IN_HEADER` unpacks them (length, opcode,
+    unique, nodeid, uid, gid, pid, total_extlen, padding), checked against
+    the buffer, and the body without trailing extensions.
+
+    The session's hot path uses these plain fields: building `InHeader` and
+    `Request` objects for a request answered at once would cost more than
+    answering it.
+    """
     if len(buf) < abi.IN_HEADER.size:
         raise FuseDecodeError(
             f"request of {len(buf)} bytes is shorter than the {abi.IN_HEADER.size}-byte header")
-    header = rq.InHeader(*abi.IN_HEADER.unpack_from(buf)[:-1])  # drop padding
-    if header.length != len(buf):
-        raise FuseDecodeError(
-            f"header says {header.length} bytes but the request has {len(buf)}",
-            unique=header.unique, opcode=header.opcode)
-    return header
+    fields = abi.IN_HEADER.unpack_from(buf)
+    if fields[0] != len(buf):
+        raise FuseDecodeError(f"header says {fields[0]} bytes but the request has {len(buf)}",
+                              unique=fields[2], opcode=fields[1])
+    body_end = len(buf) - fields[7] * 8
+    if body_end < abi.IN_HEADER.size:
+        raise FuseDecodeError(f"extensions of {fields[7] * 8} bytes exceed the body",
+                              unique=fields[2], opcode=fields[1])
+    return fields, bytes(buf[abi.IN_HEADER.size:body_end])
+
+
+def header_of(fields: tuple[int, ...]) -> rq.InHeader:
+    """`split_request`'s fields as an `InHeader`."""
+    return rq.InHeader(*fields[:-1])  # drop padding
+
+
+def decode_header(buf: bytes) -> rq.InHeader:
+    """The 40-byte header of one request, checked against the buffer."""
+    return header_of(split_request(buf)[0])
+
+
+def decode_body(fields: tuple[int, ...], body: bytes,
+                options: DecodeOptions = _DEFAULT_OPTIONS) -> rq.RequestBody:
+    """The typed body of the request `split_request` split into `fields` and
+    `body`; raises `FuseDecodeError` (ENOSYS for an opcode not served)."""
+    opcode = fields[1]
+    decoder = _DECODERS.get(opcode)
+    if decoder is None:
+        info = abi.OPCODES.get(opcode)
+        name = info.opcode.name if info else "unknown opcode"
+        raise FuseDecodeError(f"{name} ({opcode}) is not served",
+                              unique=fields[2], opcode=opcode, errno=errno.ENOSYS)
+    try:
+        return decoder(fields[3], body, options)  # type: ignore[return-value]
+    except (_Malformed, struct.error) as exc:
+        name = abi.Opcode(opcode).name
+        raise FuseDecodeError(f"{name} unique={fields[2]}: {exc}",
+                              unique=fields[2], opcode=opcode) from None
 
 
 def decode_request(buf: bytes, options: DecodeOptions = _DEFAULT_OPTIONS) -> rq.Request:
@@ -327,26 +366,8 @@ def decode_request(buf: bytes, options: DecodeOptions = _DEFAULT_OPTIONS) -> rq.
     whenever the header was readable, and `errno` is ENOSYS for an opcode the
     layer does not serve, EIO for a malformed message.
     """
-    buf = bytes(buf)
-    header = decode_header(buf)
-    body_end = len(buf) - header.total_extlen * 8
-    if body_end < abi.IN_HEADER.size:
-        raise FuseDecodeError(
-            f"extensions of {header.total_extlen * 8} bytes exceed the body",
-            unique=header.unique, opcode=header.opcode)
-    decoder = _DECODERS.get(header.opcode)
-    if decoder is None:
-        info = abi.OPCODES.get(header.opcode)
-        name = info.opcode.name if info else "unknown opcode"
-        raise FuseDecodeError(f"{name} ({header.opcode}) is not served",
-                              unique=header.unique, opcode=header.opcode, errno=errno.ENOSYS)
-    try:
-        body = decoder(header.nodeid, buf[abi.IN_HEADER.size:body_end], options)
-    except (_Malformed, struct.error) as exc:
-        name = abi.Opcode(header.opcode).name
-        raise FuseDecodeError(f"{name} unique={header.unique}: {exc}",
-                              unique=header.unique, opcode=header.opcode) from None
-    return rq.Request(header, body)  # type: ignore[arg-type]
+    fields, body = split_request(buf)
+    return rq.Request(header_of(fields), decode_body(fields, body, options))
 
 
 # ---------------------------------------------------------------------------

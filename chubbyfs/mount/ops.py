@@ -159,6 +159,13 @@ class ChubbyOperations(Operations):
         # Directories in which a request of ours may hold the kernel's
         # directory lock while it waits for the cell (create, unlink, ...).
         self._busy_dirs: dict[int, int] = {}
+        # Inode -> fcntl (POSIX) lock slots on its open files, held or asked
+        # for. The kernel releases a process's POSIX locks at each close of
+        # the file by sending FLUSH with its lock owner, and skips FLUSH for
+        # opens answered FOPEN_NOFLUSH. So cached read-only opens get
+        # NOFLUSH only while no such slot exists; one opened before the lock
+        # was asked for does not release it when closed (docs/mount.md).
+        self._posix_locks: dict[int, int] = {}
         pool.listener = self
 
     # ----------------------------------------------------------------- identity
@@ -410,13 +417,11 @@ class ChubbyOperations(Operations):
         directory's lock until we answer, and our answer may wait for the
         cell, which may wait for this daemon's acknowledgement of an
         invalidation: entry invalidations in it must not be waited for."""
-        self._busy_dirs[directory.ino] = self._busy_dirs.get(directory.ino, 0) + 1
+        _count(self._busy_dirs, directory.ino, 1)
         try:
             yield
         finally:
-            left = self._busy_dirs.pop(directory.ino) - 1
-            if left:
-                self._busy_dirs[directory.ino] = left
+            _count(self._busy_dirs, directory.ino, -1)
 
     def _new_child_path(self, parent: Inode, raw_name: bytes) -> tuple[str, str]:
         if parent.virtual is not None:
@@ -593,36 +598,68 @@ class ChubbyOperations(Operations):
         return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
 
     def _open_borrowed(self, ctx: RequestContext, inode: Inode, us: UserSession, h: Handle,
-                       flags: int) -> OpenOut:
+                       flags: int, cached: Stat | object | None = None) -> OpenOut:
+        """A read-only open on the session's read handle `h`; `cached` is what
+        the session's cache says of the path, if the caller asked already."""
         if h.stat.is_directory:
             us.reads.give_back(h)
             raise FuseError(errno.EISDIR)
         f = self._open_file(ctx, inode.ino, inode.cell, inode.path, us, h, flags)
         f.borrowed = True
-        if (self._attr_ns and self._pages_trusted(inode.ino)
-                and self._cached_generation(us, inode.path, h.instance) is not None):
+        if cached is None:
+            cached = us.session.lookup_cached(inode.path)
+        if (self._attr_ns and isinstance(cached, Stat) and cached.instance == h.instance
+                and self._pages_trusted(inode.ino)):
             f.keep_cache = True
             self._paged.add(inode.ino)
-            # No FLUSH at close: nothing to commit, and one round trip less
-            # per open/close. (POSIX locks then end with the last close of
-            # this open file, not at any close of the file.)
+            if inode.ino in self._posix_locks:
+                # Someone holds (or asks for) an fcntl lock on this file: a
+                # close of this descriptor must send the FLUSH that releases
+                # its process's POSIX locks.
+                return OpenOut(f.fh, abi.FOPEN_KEEP_CACHE)
+            # No FLUSH at close (nothing to commit): one round trip less per
+            # open/close. See _posix_locks for what that means for fcntl locks.
             return OpenOut(f.fh, abi.FOPEN_KEEP_CACHE | abi.FOPEN_NOFLUSH)
         return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
 
-    answer_now_methods = frozenset({"open", "release"})
+    answer_now_methods = frozenset({"open", "flush", "release"})
 
     def answer_now(self, method: str, ctx: RequestContext, req: object) -> object:
-        """Opens of files whose read handle is at hand, and releases of such
-        opens, need nothing from the cell: answered without a task."""
+        """Requests that need nothing from the cell, answered without a task:
+        read-only opens of files whose read handle is at hand, flushes with
+        nothing to commit and no fcntl lock to release, and releases of
+        read-only opens that hold no lock."""
         if method == "open":
             assert isinstance(req, rq.Open)
-            inode = self.inodes.get(req.nodeid)
-            if inode is None or inode.virtual is not None or inode.is_dir or req.flags & os.O_ACCMODE:
-                return NOT_NOW
-            us = self.pool.peek(inode.cell, self.principal(ctx.uid))
-            h = us.reads.borrow_cached(inode.path) if us is not None and not us.expired else None
-            return NOT_NOW if h is None else self._open_borrowed(ctx, inode, us, h, req.flags)
+            return self._open_now(ctx, req)
+        if method == "flush":
+            assert isinstance(req, rq.Flush)
+            return self._flush_now(req)
         assert method == "release" and isinstance(req, rq.Release)
+        return self._release_now(req)
+
+    def _open_now(self, ctx: RequestContext, req: rq.Open) -> object:
+        inode = self.inodes.get(req.nodeid)
+        if inode is None or inode.virtual is not None or inode.is_dir or req.flags & os.O_ACCMODE:
+            return NOT_NOW
+        us = self.pool.peek(inode.cell, self._principals.get(ctx.uid) or self.principal(ctx.uid))
+        if us is None:
+            return NOT_NOW
+        # A Stat here means the session is safe within its lease (so not
+        # expired); otherwise ask the session itself.
+        cached = us.session.lookup_cached(inode.path)
+        if not isinstance(cached, Stat) and us.expired:
+            return NOT_NOW
+        h = us.reads.borrow_cached(inode.path)
+        return NOT_NOW if h is None else self._open_borrowed(ctx, inode, us, h, req.flags, cached)
+
+    def _flush_now(self, req: rq.Flush) -> object:
+        f = self.files.get(req.fh)
+        if f is None or (f.buffer is not None and f.buffer.flush_pending) or f.ino in self._posix_locks:
+            return NOT_NOW
+        return None
+
+    def _release_now(self, req: rq.Release) -> object:
         f = self.files.get(req.fh)
         if f is None or not f.borrowed or f.locks or (f.buffer is not None and f.buffer.dirty):
             return NOT_NOW
@@ -740,10 +777,11 @@ class ChubbyOperations(Operations):
         finally:
             # POSIX record locks end when their process closes any descriptor
             # of the file.
-            for other in list(self.files.values()):
-                if other.ino == f.ino:
+            if f.ino in self._posix_locks:
+                for other in [o for o in self.files.values() if o.ino == f.ino]:
                     slot = other.locks.pop((req.lock_owner, False), None)
                     if slot is not None:
+                        _count(self._posix_locks, f.ino, -1)
                         await self._drop_slot(slot)
 
     async def fsync(self, ctx: RequestContext, req: rq.Fsync) -> None:
@@ -758,9 +796,12 @@ class ChubbyOperations(Operations):
                 await self._commit(f)
             except FuseError as exc:
                 log.warning("%s: commit at release failed (the writer had closed already): %s", f.path, exc)
-            for slot in f.locks.values():
-                await self._drop_slot(slot)
+            slots = list(f.locks.values())
             f.locks.clear()
+            for slot in slots:
+                if not slot.is_flock:
+                    _count(self._posix_locks, f.ino, -1)
+                await self._drop_slot(slot)
             if f.handle is not None and f.borrowed:
                 assert f.us is not None
                 f.us.reads.give_back(f.handle)
@@ -1015,6 +1056,8 @@ class ChubbyOperations(Operations):
             return
         if slot is None:
             slot = f.locks[key] = LockSlot(req.is_flock)
+            if not slot.is_flock:
+                _count(self._posix_locks, f.ino, 1)
         if slot.mode == mode:
             return
         if slot.mode is not None:
@@ -1233,8 +1276,21 @@ class ChubbyOperations(Operations):
             assert not f.keep_cache or (f.borrowed and f.ino in self._paged)
         assert self._negative_count == sum(len(names) for names in self._negatives.values())
         assert all(count > 0 for count in self._busy_dirs.values())
+        posix: dict[int, int] = {}
+        for f in self.files.values():
+            for slot in f.locks.values():
+                if not slot.is_flock:
+                    _count(posix, f.ino, 1)
+        assert posix == self._posix_locks, (posix, self._posix_locks)
         for us in self.pool.all():
             us.reads.assert_invariants()
+
+
+def _count(counts: dict[int, int], key: int, delta: int) -> None:
+    """Add `delta` to a count kept only while positive."""
+    left = counts.pop(key, 0) + delta
+    if left:
+        counts[key] = left
 
 
 def _parse_int(text: str, low: int, high: int) -> int:
