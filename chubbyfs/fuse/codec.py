@@ -307,7 +307,7 @@ _DECODERS: dict[int, Callable[[int, bytes, DecodeOptions], object]] = {
 DECODED_OPCODES: frozenset[int] = frozenset(int(op) for op in _DECODERS)
 
 
-def split_request(buf: bytes) -> tuple[tuple[int, ...], bytes]:
+def split_request(buf: bytes | memoryview) -> tuple[tuple[int, ...], bytes]:
     """The header's fields as `abi.IN_HEADER` unpacks them (length, opcode,
     unique, nodeid, uid, gid, pid, total_extlen, padding), checked against
     the buffer, and the body without trailing extensions.
@@ -359,7 +359,7 @@ def decode_body(fields: tuple[int, ...], body: bytes,
                               unique=fields[2], opcode=opcode) from None
 
 
-def decode_request(buf: bytes, options: DecodeOptions = _DEFAULT_OPTIONS) -> rq.Request:
+def decode_request(buf: bytes | memoryview, options: DecodeOptions = _DEFAULT_OPTIONS) -> rq.Request:
     """Decode one whole request as read from /dev/fuse.
 
     Raises `FuseDecodeError` for every problem; `unique`/`opcode` are filled in

@@ -316,11 +316,15 @@ class FuseSession:
     # ------------------------------------------------------------- reading
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
-        size = self._config.read_buffer_size
+        # One buffer for every read: os.read would allocate max_write + 4 KiB
+        # per request, which glibc may serve with mmap/mremap/munmap (some
+        # 10 us for a 64-byte OPEN). Decoding copies what it keeps.
+        buffer = bytearray(self._config.read_buffer_size)
+        view = memoryview(buffer)
         since_checkpoint = 0
         while True:
             try:
-                buf = os.read(self._fd, size)
+                size = os.readv(self._fd, (buffer,))
             except BlockingIOError:
                 since_checkpoint = 0
                 await trio.lowlevel.wait_readable(self._fd)
@@ -334,10 +338,10 @@ class FuseSession:
                     log.info("fuse connection ended (%s)", errno.errorcode[exc.errno])
                     return
                 raise
-            if not buf:
+            if not size:
                 log.info("fuse connection ended (EOF)")
                 return
-            self._dispatch(buf, nursery)
+            self._dispatch(view[:size], nursery)
             if self._failure is not None:
                 return
             since_checkpoint += 1
@@ -346,7 +350,7 @@ class FuseSession:
                 since_checkpoint = 0
                 await trio.lowlevel.checkpoint()
 
-    def _dispatch(self, buf: bytes, nursery: trio.Nursery) -> None:
+    def _dispatch(self, buf: bytes | memoryview, nursery: trio.Nursery) -> None:
         self._counts["requests"] += 1
         try:
             fields, raw = split_request(buf)
