@@ -35,7 +35,7 @@ from .codec import xattr_list_payload, xattr_payload
 from .errors import FuseDecodeError, FuseEncodeError, FuseError
 from .inflight import InflightTable
 from .negotiate import Accepted, FuseConfig, Negotiated, NegotiationError, negotiate
-from .ops import NOT_NOW, Operations, RequestContext, overrides
+from .ops import NOT_NOW, Operations, RequestContext, context_of, overrides
 from .replies import (
     AttrOut, CreateOut, DirentBuffer, EntryOut, IoctlOut, LkOut, LseekOut, Notification,
     NotifyDelete, NotifyInvalEntry, NotifyInvalInode, NotifyPoll, NotifyStore, OpenOut,
@@ -364,8 +364,7 @@ class FuseSession:
         # The hot path: a request the filesystem can answer from what it has
         # at hand is answered here, with no task and no Request object.
         method = self._now_opcodes.get(opcode)
-        if method is not None and self._try_answer_now(
-                RequestContext(fields[2], fields[3], fields[4], fields[5], fields[6], opcode), body, method):
+        if method is not None and self._try_answer_now(context_of(fields), body, method):
             return
         req = rq.Request(header_of(fields), body)
         if opcode == abi.Opcode.INIT:
@@ -462,7 +461,7 @@ class FuseSession:
 
     def _context(self, req: rq.Request) -> RequestContext:
         h = req.header
-        return RequestContext(h.unique, h.nodeid, h.uid, h.gid, h.pid, h.opcode)
+        return RequestContext(h.opcode, h.unique, h.nodeid, h.uid, h.gid, h.pid)
 
     async def _run(self, req: rq.Request, method: str, scope: trio.CancelScope) -> None:
         unique = req.unique

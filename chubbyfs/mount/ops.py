@@ -392,12 +392,12 @@ class ChubbyOperations(Operations):
             raise FuseError(errno.EPERM, "explicit times are not stored")
 
     async def _truncate_open_file(self, f: OpenFile, size: int) -> None:
-        assert f.buffer is not None
+        buffer = self._buffer(f)
         try:
-            f.buffer.truncate(size)
+            buffer.truncate(size)
         except NeedContents:
             await self._fetch(f)
-            f.buffer.truncate(size)
+            buffer.truncate(size)
 
     async def _truncate_path(self, ctx: RequestContext, inode: Inode, size: int) -> Stat:
         """truncate(2) on a path: a read-modify-write committed at once, with
@@ -459,11 +459,11 @@ class ChubbyOperations(Operations):
         us.watch(h)
         entry = self._node_entry(parent.cell, h.stat, us)
         f = self._open_file(ctx, entry.nodeid, parent.cell, path, us, h, req.flags)
-        assert f.buffer is not None
+        buffer = self._buffer(f)
         if h.created:
-            f.buffer.load(b"", h.stat.content_generation)
+            buffer.load(b"", h.stat.content_generation)
         elif req.flags & os.O_TRUNC:
-            f.buffer.truncate(0)  # created meanwhile by someone else: O_TRUNC still applies
+            buffer.truncate(0)  # created meanwhile by someone else: O_TRUNC still applies
         return CreateOut(entry, OpenOut(f.fh, abi.FOPEN_DIRECT_IO))
 
     async def _remove(self, ctx: RequestContext, parent_ino: int, raw_name: bytes, *, directory: bool) -> None:
@@ -549,13 +549,21 @@ class ChubbyOperations(Operations):
         acc = flags & os.O_ACCMODE
         writable = acc in (os.O_WRONLY, os.O_RDWR)
         buffer = None
-        if handle is not None:
-            armed = self.cas_arms.pop((ino, us.principal), None) if writable and us else None
+        if handle is not None and writable:
+            armed = self.cas_arms.pop((ino, us.principal), None) if us else None
             buffer = FileBuffer(append=bool(flags & os.O_APPEND), max_bytes=self.config.max_file_bytes,
                                 cas_generation=armed)
         f = OpenFile(self._fh(), ino, cell, path, us, handle, buffer, writable, ctx.pid)
         self.files[f.fh] = f
         return f
+
+    def _buffer(self, f: OpenFile) -> FileBuffer:
+        """The contents buffer of an open node; a read-only open gets one at
+        its first read (a `cat` served from the kernel's pages needs none)."""
+        if f.buffer is None:
+            assert f.handle is not None
+            f.buffer = FileBuffer(append=False, max_bytes=self.config.max_file_bytes)
+        return f.buffer
 
     async def open(self, ctx: RequestContext, req: rq.Open) -> OpenOut:
         inode = self.inode(req.nodeid)
@@ -687,27 +695,27 @@ class ChubbyOperations(Operations):
             raise FuseError(errno.ESTALE, "the session that opened this file has expired")
 
     async def _fetch(self, f: OpenFile) -> None:
-        assert f.handle is not None and f.buffer is not None
+        assert f.handle is not None
         with cell_errors(f"read {f.path}"):
             contents, stat = await f.handle.get_contents_and_stat()
-        f.buffer.load(contents, stat.content_generation)
+        self._buffer(f).load(contents, stat.content_generation)
 
     async def read(self, ctx: RequestContext, req: rq.Read) -> bytes:
         f = self._file(req.fh)
         if f.handle is None:
             return f.control_data[req.offset:req.offset + req.size]
         self._check_alive(f)
-        assert f.buffer is not None
+        buffer = self._buffer(f)
         if req.offset == 0:
             # A new pass over the file: read what the cell holds now.
-            f.buffer.forget_snapshot()
+            buffer.forget_snapshot()
             f.events_pending = False
         try:
-            data = f.buffer.read(req.offset, req.size)
+            data = buffer.read(req.offset, req.size)
         except NeedContents:
             await self._fetch(f)
-            data = f.buffer.read(req.offset, req.size)
-        if f.keep_cache and (f.buffer.dirty or f.buffer.base_generation != self._cached_generation(
+            data = buffer.read(req.offset, req.size)
+        if f.keep_cache and (buffer.dirty or buffer.base_generation != self._cached_generation(
                 f.us, f.path, f.handle.instance)):
             # These bytes go into the kernel's pages but no session caches
             # them (an invalidation came since): drop them once served.
