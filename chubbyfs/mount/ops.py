@@ -30,6 +30,7 @@ import stat as st
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -553,8 +554,9 @@ class ChubbyOperations(Operations):
             armed = self.cas_arms.pop((ino, us.principal), None) if us else None
             buffer = FileBuffer(append=bool(flags & os.O_APPEND), max_bytes=self.config.max_file_bytes,
                                 cas_generation=armed)
-        f = OpenFile(self._fh(), ino, cell, path, us, handle, buffer, writable, ctx.pid)
-        self.files[f.fh] = f
+        fh = self._next_fh  # self._fh() inline: every cached `cat` comes here
+        self._next_fh = fh + 1
+        f = self.files[fh] = OpenFile(fh, ino, cell, path, us, handle, buffer, writable, ctx.pid)
         return f
 
     def _buffer(self, f: OpenFile) -> FileBuffer:
@@ -632,19 +634,16 @@ class ChubbyOperations(Operations):
 
     answer_now_methods = frozenset({"open", "flush", "release"})
 
-    def answer_now(self, method: str, ctx: RequestContext, req: object) -> object:
+    def answer_now(self, method: str, ctx: RequestContext, req: Any) -> object:
         """Requests that need nothing from the cell, answered without a task:
         read-only opens of files whose read handle is at hand, flushes with
         nothing to commit and no fcntl lock to release, and releases of
         read-only opens that hold no lock."""
         if method == "open":
-            assert isinstance(req, rq.Open)
             return self._open_now(ctx, req)
         if method == "flush":
-            assert isinstance(req, rq.Flush)
-            return self._flush_now(req)
-        assert method == "release" and isinstance(req, rq.Release)
-        return self._release_now(req)
+            return self._flush_now(ctx, req)
+        return self._release_now(ctx, req)
 
     def _open_now(self, ctx: RequestContext, req: rq.Open) -> object:
         inode = self.inodes.get(req.nodeid)
@@ -661,13 +660,13 @@ class ChubbyOperations(Operations):
         h = us.reads.borrow_cached(inode.path)
         return NOT_NOW if h is None else self._open_borrowed(ctx, inode, us, h, req.flags, cached)
 
-    def _flush_now(self, req: rq.Flush) -> object:
+    def _flush_now(self, ctx: RequestContext, req: rq.Flush) -> object:
         f = self.files.get(req.fh)
         if f is None or (f.buffer is not None and f.buffer.flush_pending) or f.ino in self._posix_locks:
             return NOT_NOW
         return None
 
-    def _release_now(self, req: rq.Release) -> object:
+    def _release_now(self, ctx: RequestContext, req: rq.Release) -> object:
         f = self.files.get(req.fh)
         if f is None or not f.borrowed or f.locks or (f.buffer is not None and f.buffer.dirty):
             return NOT_NOW
