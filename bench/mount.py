@@ -1,7 +1,8 @@
 """Benchmark of the mount: cached reads against tmpfs, flock hand-offs between
 two mounts against ZooKeeper's lock recipe, and small-file writes.
 
-    .venv/bin/python bench/mount.py [--duration 5] [--skip-zk] [--json [FILE]] [--py-spy DIR]
+    .venv/bin/python bench/mount.py [--duration 5] [--points read,handoff,write] [--skip-zk]
+                                    [--json [FILE]] [--py-spy DIR]
 
 Needs root (mount(2)) and /dev/fuse. A 3-replica chubbyfs cell (fsync on)
 and two mount daemons (two "machines", each its own sessions) run in a
@@ -272,10 +273,14 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path) -> list[Row]:
             os.stat(cached)
             cached.read_bytes()
         (root1 / "bench" / "lock").write_bytes(b"")
-        rows = read_rows(args, cached, tmpfs / "cached", mounts[0][0], cell_pids)
-        rows += handoff_rows(args, [root1 / "bench" / "lock", root2 / "bench" / "lock"], daemons, cell_pids,
-                             cell.procs[leader].pid, addresses)
-        rows += write_rows(args, root1 / "bench", daemons, cell_pids)
+        rows = []
+        if "read" in args.points:
+            rows += read_rows(args, cached, tmpfs / "cached", mounts[0][0], cell_pids)
+        if "handoff" in args.points:
+            rows += handoff_rows(args, [root1 / "bench" / "lock", root2 / "bench" / "lock"], daemons,
+                                 cell_pids, cell.procs[leader].pid, addresses)
+        if "write" in args.points:
+            rows += write_rows(args, root1 / "bench", daemons, cell_pids)
     finally:
         for proc, mnt in mounts:
             stop_mount(proc, mnt)
@@ -307,9 +312,10 @@ def format_table(rows: list[Row], args: argparse.Namespace) -> str:
     load = os.getloadavg()
     lines = [f"The mount: 3 replicas on 127.0.0.1 (fsync on), two mount daemons, {args.duration:g} s per point, "
              f"{os.cpu_count()} cores, load average at the end {load[0]:.1f}", ""]
+    sections = {r.section for r in rows}
     reads = {r.name: r for r in rows if r.section == "read"}
     head = f"{'stat+open+read+close, cached file':<40} | {'it/s':>9} {'vs tmpfs':>9} {'daemon cpu us/it':>16}"
-    lines += [head, "-" * len(head)]
+    lines += [head, "-" * len(head)] if "read" in sections else []
     for r in rows:
         if r.section == "read":
             base = reads.get(r.name.replace("chubbyfs mount", "tmpfs"))
@@ -319,7 +325,7 @@ def format_table(rows: list[Row], args: argparse.Namespace) -> str:
     zk = next((r for r in rows if r.name.startswith("zookeeper")), None)
     head = (f"{'flock hand-off, 2 contenders':<40} | {'hand-offs/s':>11} {'acq p50':>8} {'gap p50':>8} "
             f"{'mount cpu ms':>12} {'cell cpu ms':>11} {'viol':>4} | {'x zk':>5}")
-    lines += ["", head, "-" * len(head)]
+    lines += ["", head, "-" * len(head)] if "handoff" in sections else []
     for r in rows:
         if r.section == "handoff":
             ratio = f"{r.ops_per_s / zk.ops_per_s:.2f}" if zk and zk.ops_per_s else "-"
@@ -329,7 +335,7 @@ def format_table(rows: list[Row], args: argparse.Namespace) -> str:
                          + (f"  {r.note}" if r.note else ""))
     head = (f"{'small-file write+close (100 B, O_TRUNC)':<40} | {'files/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'mount cpu ms':>12} {'cell cpu ms':>11}")
-    lines += ["", head, "-" * len(head)]
+    lines += ["", head, "-" * len(head)] if "write" in sections else []
     for r in rows:
         if r.section == "write":
             lines.append(f"{r.name:<40} | {_num(r.ops_per_s):>9} {_num(r.p50_ms, 2):>8} {_num(r.p99_ms, 2):>8} "
@@ -345,11 +351,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per point (default 5)")
     ap.add_argument("--writers", default="1,4", help="writer counts for the write point (default 1,4)")
+    ap.add_argument("--points", default="read,handoff,write",
+                    help="which points to run (default read,handoff,write; ZooKeeper only with handoff)")
     ap.add_argument("--skip-zk", action="store_true", help="no ZooKeeper comparison")
     ap.add_argument("--json", nargs="?", const="-", metavar="FILE", help="also write JSON (stdout if no FILE)")
     ap.add_argument("--py-spy", metavar="DIR", help="profile the master during the hand-off point")
     args = ap.parse_args(argv)
     args.writers = [int(x) for x in args.writers.split(",") if x]
+    args.points = {x for x in args.points.split(",") if x}
+    if not args.points or args.points - {"read", "handoff", "write"}:
+        ap.error(f"--points takes read, handoff and write, not {sorted(args.points)}")
     args.rounds = 1
     args.profiles = []
     return args
@@ -366,7 +377,7 @@ def main(argv: list[str]) -> int:
         workdir = Path(tmp)
         rows = bench_chubbyfs(args, workdir)
         client = ""
-        if not args.skip_zk:
+        if not args.skip_zk and "handoff" in args.points:
             zk_row, client = bench_zookeeper(args, workdir)
             rows.append(zk_row)
     print(format_table(rows, args))

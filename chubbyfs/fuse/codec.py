@@ -162,12 +162,6 @@ def _write(n: int, b: bytes, o: DecodeOptions) -> rq.Write:
     return rq.Write(n, fh, off, data, wflags, owner, flags)
 
 
-def _release_like(cls: type) -> Callable[[int, bytes, DecodeOptions], object]:
-    def dec(n: int, b: bytes, o: DecodeOptions) -> object:
-        return cls(n, *_fixed(abi.RELEASE_IN, b))
-    return dec
-
-
 def _flush(n: int, b: bytes, o: DecodeOptions) -> rq.Flush:
     fh, _unused, _pad, owner = _fixed(abi.FLUSH_IN, b)
     return rq.Flush(n, fh, owner)
@@ -212,10 +206,6 @@ def _listxattr(n: int, b: bytes, o: DecodeOptions) -> rq.ListXattr:
     return rq.ListXattr(n, size)
 
 
-def _poll(n: int, b: bytes, o: DecodeOptions) -> rq.Poll:
-    return rq.Poll(n, *_fixed(abi.POLL_IN, b))
-
-
 def _fallocate(n: int, b: bytes, o: DecodeOptions) -> rq.Fallocate:
     fh, off, length, mode, _pad = _fixed(abi.FALLOCATE_IN, b)
     return rq.Fallocate(n, fh, off, length, mode)
@@ -257,10 +247,23 @@ def _getattr(n: int, b: bytes, o: DecodeOptions) -> rq.GetAttr:
     return rq.GetAttr(n, flags, fh)
 
 
+# Bodies that are exactly one struct whose fields follow nodeid one for one:
+# unpacked straight from the read buffer (`decode_parts`), no body copy.
+_WHOLE_STRUCT: dict[int, tuple[struct.Struct, type]] = {
+    abi.Opcode.FORGET: (abi.FORGET_IN, rq.Forget),
+    abi.Opcode.OPEN: (abi.OPEN_IN, rq.Open),
+    abi.Opcode.OPENDIR: (abi.OPEN_IN, rq.OpenDir),
+    abi.Opcode.RELEASE: (abi.RELEASE_IN, rq.Release),
+    abi.Opcode.RELEASEDIR: (abi.RELEASE_IN, rq.ReleaseDir),
+    abi.Opcode.INTERRUPT: (abi.INTERRUPT_IN, rq.Interrupt),
+    abi.Opcode.POLL: (abi.POLL_IN, rq.Poll),
+    abi.Opcode.COPY_FILE_RANGE: (abi.COPY_FILE_RANGE_IN, rq.CopyFileRange),
+}
+
 _DECODERS: dict[int, Callable[[int, bytes, DecodeOptions], object]] = {
+    **{op: _simple(cls, st) for op, (st, cls) in _WHOLE_STRUCT.items()},
     abi.Opcode.INIT: _init,
     abi.Opcode.LOOKUP: _simple(rq.Lookup, name=True),
-    abi.Opcode.FORGET: _simple(rq.Forget, abi.FORGET_IN),
     abi.Opcode.BATCH_FORGET: _batch_forget,
     abi.Opcode.GETATTR: _getattr,
     abi.Opcode.SETATTR: _setattr,
@@ -273,14 +276,10 @@ _DECODERS: dict[int, Callable[[int, bytes, DecodeOptions], object]] = {
     abi.Opcode.RENAME: _rename,
     abi.Opcode.RENAME2: _rename2,
     abi.Opcode.LINK: _link,
-    abi.Opcode.OPEN: _simple(rq.Open, abi.OPEN_IN),
-    abi.Opcode.OPENDIR: _simple(rq.OpenDir, abi.OPEN_IN),
     abi.Opcode.READ: _read_like(rq.Read),
     abi.Opcode.WRITE: _write,
     abi.Opcode.READDIR: _read_like(rq.ReadDir),
     abi.Opcode.READDIRPLUS: _read_like(rq.ReadDirPlus),
-    abi.Opcode.RELEASE: _release_like(rq.Release),
-    abi.Opcode.RELEASEDIR: _release_like(rq.ReleaseDir),
     abi.Opcode.FLUSH: _flush,
     abi.Opcode.FSYNC: _fsync_like(rq.Fsync),
     abi.Opcode.FSYNCDIR: _fsync_like(rq.FsyncDir),
@@ -294,12 +293,9 @@ _DECODERS: dict[int, Callable[[int, bytes, DecodeOptions], object]] = {
     abi.Opcode.GETLK: lambda n, b, o: _lock(rq.GetLk, n, b),
     abi.Opcode.SETLK: lambda n, b, o: _lock(rq.SetLk, n, b),
     abi.Opcode.SETLKW: lambda n, b, o: _lock(rq.SetLkW, n, b),
-    abi.Opcode.INTERRUPT: _simple(rq.Interrupt, abi.INTERRUPT_IN),
-    abi.Opcode.POLL: _poll,
     abi.Opcode.DESTROY: _simple(rq.Destroy),
     abi.Opcode.FALLOCATE: _fallocate,
     abi.Opcode.LSEEK: _lseek,
-    abi.Opcode.COPY_FILE_RANGE: _simple(rq.CopyFileRange, abi.COPY_FILE_RANGE_IN),
     abi.Opcode.IOCTL: _ioctl,
 }
 
@@ -307,46 +303,73 @@ _DECODERS: dict[int, Callable[[int, bytes, DecodeOptions], object]] = {
 DECODED_OPCODES: frozenset[int] = frozenset(int(op) for op in _DECODERS)
 
 
-def decode_header(buf: bytes) -> rq.InHeader:
-    """The 40-byte header of one request, checked against the buffer."""
+def _header_fields(buf: bytes | memoryview) -> tuple[int, ...]:
+    """The header's fields as `abi.IN_HEADER` unpacks them (length, opcode,
+    unique, nodeid, uid, gid, pid, total_extlen, padding), checked against
+    the buffer's length."""
     if len(buf) < abi.IN_HEADER.size:
         raise FuseDecodeError(
             f"request of {len(buf)} bytes is shorter than the {abi.IN_HEADER.size}-byte header")
-    header = rq.InHeader(*abi.IN_HEADER.unpack_from(buf)[:-1])  # drop padding
-    if header.length != len(buf):
-        raise FuseDecodeError(
-            f"header says {header.length} bytes but the request has {len(buf)}",
-            unique=header.unique, opcode=header.opcode)
-    return header
+    fields = abi.IN_HEADER.unpack_from(buf)
+    if fields[0] != len(buf):
+        raise FuseDecodeError(f"header says {fields[0]} bytes but the request has {len(buf)}",
+                              unique=fields[2], opcode=fields[1])
+    return fields
 
 
-def decode_request(buf: bytes, options: DecodeOptions = _DEFAULT_OPTIONS) -> rq.Request:
+def header_of(fields: tuple[int, ...]) -> rq.InHeader:
+    """`decode_parts`' header fields as an `InHeader`."""
+    return rq.InHeader(*fields[:-1])  # drop padding
+
+
+def decode_header(buf: bytes) -> rq.InHeader:
+    """The 40-byte header of one request, checked against the buffer."""
+    return header_of(_header_fields(buf))
+
+
+def decode_parts(buf: bytes | memoryview,
+                 options: DecodeOptions = _DEFAULT_OPTIONS) -> tuple[tuple[int, ...], rq.RequestBody]:
+    """One request as its header's plain fields (see `_header_fields`) and
+    its typed body; raises `FuseDecodeError` as `decode_request` does.
+
+    The session's hot path uses this: building `InHeader` and `Request`
+    objects for a request answered at once would cost more than answering
+    it. `buf` may be a view of a buffer reused for the next read: nothing
+    returned refers to it.
+    """
+    fields = _header_fields(buf)
+    opcode = fields[1]
+    whole = _WHOLE_STRUCT.get(opcode)
+    if whole is not None and fields[0] == abi.IN_HEADER.size + whole[0].size and not fields[7]:
+        # The common fixed-size bodies (OPEN, RELEASE...), without extensions.
+        return fields, whole[1](fields[3], *whole[0].unpack_from(buf, abi.IN_HEADER.size))
+    body_end = len(buf) - fields[7] * 8
+    if body_end < abi.IN_HEADER.size:
+        raise FuseDecodeError(f"extensions of {fields[7] * 8} bytes exceed the body",
+                              unique=fields[2], opcode=opcode)
+    decoder = _DECODERS.get(opcode)
+    if decoder is None:
+        info = abi.OPCODES.get(opcode)
+        name = info.opcode.name if info else "unknown opcode"
+        raise FuseDecodeError(f"{name} ({opcode}) is not served",
+                              unique=fields[2], opcode=opcode, errno=errno.ENOSYS)
+    try:
+        return fields, decoder(fields[3], bytes(buf[abi.IN_HEADER.size:body_end]), options)  # type: ignore[return-value]
+    except (_Malformed, struct.error) as exc:
+        name = abi.Opcode(opcode).name
+        raise FuseDecodeError(f"{name} unique={fields[2]}: {exc}",
+                              unique=fields[2], opcode=opcode) from None
+
+
+def decode_request(buf: bytes | memoryview, options: DecodeOptions = _DEFAULT_OPTIONS) -> rq.Request:
     """Decode one whole request as read from /dev/fuse.
 
     Raises `FuseDecodeError` for every problem; `unique`/`opcode` are filled in
     whenever the header was readable, and `errno` is ENOSYS for an opcode the
     layer does not serve, EIO for a malformed message.
     """
-    buf = bytes(buf)
-    header = decode_header(buf)
-    body_end = len(buf) - header.total_extlen * 8
-    if body_end < abi.IN_HEADER.size:
-        raise FuseDecodeError(
-            f"extensions of {header.total_extlen * 8} bytes exceed the body",
-            unique=header.unique, opcode=header.opcode)
-    decoder = _DECODERS.get(header.opcode)
-    if decoder is None:
-        info = abi.OPCODES.get(header.opcode)
-        name = info.opcode.name if info else "unknown opcode"
-        raise FuseDecodeError(f"{name} ({header.opcode}) is not served",
-                              unique=header.unique, opcode=header.opcode, errno=errno.ENOSYS)
-    try:
-        body = decoder(header.nodeid, buf[abi.IN_HEADER.size:body_end], options)
-    except (_Malformed, struct.error) as exc:
-        name = abi.Opcode(header.opcode).name
-        raise FuseDecodeError(f"{name} unique={header.unique}: {exc}",
-                              unique=header.unique, opcode=header.opcode) from None
-    return rq.Request(header, body)  # type: ignore[arg-type]
+    fields, body = decode_parts(buf, options)
+    return rq.Request(header_of(fields), body)
 
 
 # ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import requests as rq
 from .errors import FuseError
@@ -36,14 +36,17 @@ from .replies import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class RequestContext:
+class RequestContext(NamedTuple):
+    """Who asks. Immutable like the requests, but a tuple, in the order of
+    the request header's fields: one is built for every request, straight
+    from a slice of the unpacked header."""
+
+    opcode: int
     unique: int
     nodeid: int
     uid: int  # fsuid of the caller
     gid: int
     pid: int  # 0 for RELEASE, FORGET, INTERRUPT (kernel-initiated)
-    opcode: int
 
 
 def _enosys() -> FuseError:
@@ -52,6 +55,15 @@ def _enosys() -> FuseError:
 
 # Returned by `Operations.answer_now` when the request needs its async handler.
 NOT_NOW = object()
+
+
+def context_of(header_fields: tuple[int, ...]) -> RequestContext:
+    """The context of a request from its header as `abi.IN_HEADER` unpacks it
+    (length, opcode, unique, nodeid, uid, gid, pid, ...)."""
+    return _new_tuple(RequestContext, header_fields[1:7])
+
+
+_new_tuple = tuple.__new__  # RequestContext._make without its Python-level frame
 
 
 class Operations:

@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass, field
 
 from . import abi
+from ._frozen import frozen
 from .errors import FuseEncodeError
 from .requests import FileLock
 
@@ -38,7 +39,7 @@ def _pack(st: struct.Struct, what: str, *values: int) -> bytes:
         raise FuseEncodeError(f"{what}: field out of range: {exc}") from None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Attr:
     ino: int
     mode: int  # file type and permission bits, as st_mode
@@ -66,7 +67,7 @@ class Attr:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class EntryOut:
     """Answer to LOOKUP/MKDIR/CREATE/...: hands the kernel one lookup count.
 
@@ -87,7 +88,7 @@ class EntryOut:
         return head + self.attr.pack()
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class AttrOut:
     attr: Attr
     attr_valid_ns: int = 1 * _NS
@@ -97,7 +98,7 @@ class AttrOut:
         return _pack(abi.ATTR_OUT_HEAD, "fuse_attr_out", a_s, a_n, 0) + self.attr.pack()
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class OpenOut:
     fh: int = 0
     open_flags: int = 0  # abi.FOPEN_*
@@ -107,7 +108,7 @@ class OpenOut:
         return _pack(abi.OPEN_OUT, "fuse_open_out", self.fh, self.open_flags, self.backing_id)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class CreateOut:
     entry: EntryOut
     open: OpenOut
@@ -116,7 +117,7 @@ class CreateOut:
         return self.entry.pack() + self.open.pack()
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class WriteOut:
     size: int
 
@@ -124,7 +125,7 @@ class WriteOut:
         return _pack(abi.WRITE_OUT, "fuse_write_out", self.size, 0)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class StatfsOut:
     blocks: int = 0
     bfree: int = 0
@@ -142,7 +143,7 @@ class StatfsOut:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class LkOut:
     lock: FileLock  # a conflicting lock, or type F_UNLCK for "none"
 
@@ -151,7 +152,7 @@ class LkOut:
         return _pack(abi.FILE_LOCK, "fuse_lk_out", lk.start, lk.end, lk.type, lk.pid)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PollOut:
     revents: int
 
@@ -159,7 +160,7 @@ class PollOut:
         return _pack(abi.POLL_OUT, "fuse_poll_out", self.revents, 0)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class XattrSizeOut:
     """Answer to a size-0 GETXATTR/LISTXATTR probe."""
 
@@ -169,7 +170,7 @@ class XattrSizeOut:
         return _pack(abi.GETXATTR_OUT, "fuse_getxattr_out", self.size, 0)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class LseekOut:
     offset: int
 
@@ -177,7 +178,7 @@ class LseekOut:
         return _pack(abi.LSEEK_OUT, "fuse_lseek_out", self.offset)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class IoctlOut:
     """A plain (non-retry) ioctl answer: result code plus output bytes."""
 
@@ -188,7 +189,7 @@ class IoctlOut:
         return _pack(abi.IOCTL_OUT, "fuse_ioctl_out", self.result, 0, 0, 0) + self.data
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class InitOut:
     major: int
     minor: int
@@ -229,7 +230,7 @@ def _check_name(name: bytes, what: str) -> None:
         raise FuseEncodeError(f"{what}: name must be 1..1024 bytes without NUL: {name!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DirEntry:
     ino: int
     name: bytes
@@ -237,7 +238,7 @@ class DirEntry:
     offset: int  # cookie the kernel sends back to continue *after* this entry
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DirEntryPlus:
     entry: EntryOut  # nodeid 0 = "don't instantiate" (no lookup count taken)
     name: bytes
@@ -306,7 +307,7 @@ class DirentBuffer:
 # Notifications (daemon -> kernel, unique 0, error = code)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class NotifyPoll:
     kh: int
 
@@ -316,7 +317,7 @@ class NotifyPoll:
         return _pack(abi.NOTIFY_POLL, "notify_poll", self.kh)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class NotifyInvalInode:
     """Drop cached attributes; with offset >= 0 also pages [offset, offset+length)
     (length <= 0: to the end)."""
@@ -332,7 +333,7 @@ class NotifyInvalInode:
                      self.length)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class NotifyInvalEntry:
     parent: int
     name: bytes
@@ -348,7 +349,7 @@ class NotifyInvalEntry:
         return head + self.name + b"\0"  # the kernel insists on the NUL
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class NotifyDelete:
     parent: int
     child: int
@@ -363,7 +364,7 @@ class NotifyDelete:
         return head + self.name + b"\0"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class NotifyStore:
     nodeid: int
     offset: int

@@ -11,12 +11,12 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ._frozen import frozen
 
 from . import abi
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class InHeader:
     length: int
     opcode: int
@@ -28,7 +28,7 @@ class InHeader:
     total_extlen: int  # trailing extensions, in 8-byte units (7.38+)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class FileLock:
     """A byte-range lock as FUSE describes it; `end` is inclusive."""
 
@@ -38,7 +38,7 @@ class FileLock:
     pid: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Init:
     nodeid: int
     major: int
@@ -47,25 +47,25 @@ class Init:
     flags: int  # 64 capability bits: flags | flags2 << 32
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Lookup:
     nodeid: int
     name: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Forget:
     nodeid: int
     nlookup: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class BatchForget:
     nodeid: int
     items: tuple[Forget, ...]  # each with its own nodeid
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class GetAttr:
     nodeid: int
     getattr_flags: int
@@ -76,7 +76,7 @@ class GetAttr:
         return bool(self.getattr_flags & abi.GETATTR_FH)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class SetAttr:
     """Attribute changes; only fields whose FATTR_* bit is in `valid` apply."""
 
@@ -96,19 +96,19 @@ class SetAttr:
         return bool(self.valid & fattr_bit)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ReadLink:
     nodeid: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Symlink:
     nodeid: int  # parent directory
     name: bytes
     target: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Mknod:
     nodeid: int
     name: bytes
@@ -117,7 +117,7 @@ class Mknod:
     umask: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Mkdir:
     nodeid: int
     name: bytes
@@ -125,19 +125,19 @@ class Mkdir:
     umask: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Unlink:
     nodeid: int
     name: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Rmdir:
     nodeid: int
     name: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Rename:
     nodeid: int  # old parent
     name: bytes
@@ -145,7 +145,7 @@ class Rename:
     newname: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Rename2:
     nodeid: int
     name: bytes
@@ -154,28 +154,28 @@ class Rename2:
     flags: int  # RENAME_NOREPLACE 1, RENAME_EXCHANGE 2, RENAME_WHITEOUT 4
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Link:
     nodeid: int  # new parent
     oldnodeid: int
     newname: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Open:
     nodeid: int
     flags: int  # open(2) flags
     open_flags: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class OpenDir:
     nodeid: int
     flags: int
     open_flags: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Read:
     nodeid: int
     fh: int
@@ -186,7 +186,7 @@ class Read:
     flags: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Write:
     nodeid: int
     fh: int
@@ -197,7 +197,7 @@ class Write:
     flags: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ReadDir:
     nodeid: int
     fh: int
@@ -205,7 +205,7 @@ class ReadDir:
     size: int  # bytes of packed entries the kernel can take
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ReadDirPlus:
     nodeid: int
     fh: int
@@ -213,7 +213,7 @@ class ReadDirPlus:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Release:
     nodeid: int
     fh: int
@@ -227,7 +227,7 @@ class Release:
         return bool(self.release_flags & abi.RELEASE_FLOCK_UNLOCK)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ReleaseDir:
     nodeid: int
     fh: int
@@ -236,14 +236,14 @@ class ReleaseDir:
     lock_owner: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Flush:
     nodeid: int
     fh: int
     lock_owner: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Fsync:
     nodeid: int
     fh: int
@@ -254,14 +254,14 @@ class Fsync:
         return bool(self.fsync_flags & abi.FSYNC_FDATASYNC)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class FsyncDir:
     nodeid: int
     fh: int
     fsync_flags: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Create:
     nodeid: int  # parent
     name: bytes
@@ -271,19 +271,19 @@ class Create:
     open_flags: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class StatFs:
     nodeid: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class GetXattr:
     nodeid: int
     name: bytes
     size: int  # 0 = "how long is it?"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class SetXattr:
     nodeid: int
     name: bytes
@@ -292,25 +292,25 @@ class SetXattr:
     setxattr_flags: int  # only with SETXATTR_EXT
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ListXattr:
     nodeid: int
     size: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class RemoveXattr:
     nodeid: int
     name: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Access:
     nodeid: int
     mask: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class _LockRequest:
     nodeid: int
     fh: int
@@ -324,28 +324,28 @@ class _LockRequest:
         return bool(self.lk_flags & abi.LK_FLOCK)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class GetLk(_LockRequest):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class SetLk(_LockRequest):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class SetLkW(_LockRequest):
     """Blocking lock. Note: flock(LOCK_UN) also arrives as SETLKW (F_UNLCK)."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Interrupt:
     nodeid: int
     target: int  # unique of the request to interrupt
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Poll:
     nodeid: int
     fh: int
@@ -358,12 +358,12 @@ class Poll:
         return bool(self.flags & abi.POLL_SCHEDULE_NOTIFY)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Destroy:
     nodeid: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Fallocate:
     nodeid: int
     fh: int
@@ -372,7 +372,7 @@ class Fallocate:
     mode: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Lseek:
     nodeid: int
     fh: int
@@ -380,7 +380,7 @@ class Lseek:
     whence: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class CopyFileRange:
     nodeid: int
     fh_in: int
@@ -392,7 +392,7 @@ class CopyFileRange:
     flags: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Ioctl:
     nodeid: int
     fh: int
@@ -412,7 +412,7 @@ RequestBody = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Request:
     header: InHeader
     body: RequestBody

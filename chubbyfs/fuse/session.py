@@ -29,12 +29,12 @@ import trio
 
 from . import abi
 from . import requests as rq
-from .codec import DecodeOptions, decode_request, encode_error, encode_notify, encode_reply
+from .codec import DecodeOptions, decode_parts, encode_error, encode_notify, encode_reply, header_of
 from .codec import xattr_list_payload, xattr_payload
 from .errors import FuseDecodeError, FuseEncodeError, FuseError
 from .inflight import InflightTable
 from .negotiate import Accepted, FuseConfig, Negotiated, NegotiationError, negotiate
-from .ops import NOT_NOW, Operations, RequestContext, overrides
+from .ops import NOT_NOW, Operations, RequestContext, context_of, overrides
 from .replies import (
     AttrOut, CreateOut, DirentBuffer, EntryOut, IoctlOut, LkOut, LseekOut, Notification,
     NotifyDelete, NotifyInvalEntry, NotifyInvalInode, NotifyPoll, NotifyStore, OpenOut,
@@ -122,7 +122,9 @@ class FuseSession:
     def __init__(self, fd: int, ops: Operations, config: FuseConfig | None = None) -> None:
         self._fd = fd
         self._ops = ops
-        self._answer_now = frozenset(ops.answer_now_methods) if overrides(ops, "answer_now") else frozenset()
+        # Opcode -> method for requests first offered to `ops.answer_now`;
+        # filled once INIT is agreed (before that every request gets EIO).
+        self._now_opcodes: dict[int, str] = {}
         self._config = config or FuseConfig()
         self._table: InflightTable[trio.CancelScope] = InflightTable(
             self._config.interrupt_memory_s)
@@ -137,10 +139,11 @@ class FuseSession:
         self._batches_idle = trio.Event()
         self._serving = False
         self._failure: FuseProtocolError | None = None
+        # Counted on every request: plain attributes, cheaper than the dict.
+        self._requests = self._replies = 0
         self._counts = dict.fromkeys(
-            ("requests", "replies", "error_replies", "decode_errors", "handler_crashes",
-             "interrupts_received", "notifications_sent", "notifications_unknown",
-             "stale_replies"), 0)
+            ("error_replies", "decode_errors", "handler_crashes", "interrupts_received",
+             "notifications_sent", "notifications_unknown", "stale_replies"), 0)
 
     # ------------------------------------------------------------------ public
 
@@ -164,7 +167,7 @@ class FuseSession:
         t = self._table.statistics()
         c = self._counts
         return SessionStats(
-            requests=c["requests"], replies=c["replies"], error_replies=c["error_replies"],
+            requests=self._requests, replies=self._replies, error_replies=c["error_replies"],
             decode_errors=c["decode_errors"], handler_crashes=c["handler_crashes"],
             interrupts_received=c["interrupts_received"],
             interrupts_delivered=t.interrupts_delivered, in_flight=t.in_flight,
@@ -313,11 +316,15 @@ class FuseSession:
     # ------------------------------------------------------------- reading
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
-        size = self._config.read_buffer_size
+        # One buffer for every read: os.read would allocate max_write + 4 KiB
+        # per request, which glibc may serve with mmap/mremap/munmap (some
+        # 10 us for a 64-byte OPEN). Decoding copies what it keeps.
+        buffer = bytearray(self._config.read_buffer_size)
+        view = memoryview(buffer)
         since_checkpoint = 0
         while True:
             try:
-                buf = os.read(self._fd, size)
+                size = os.readv(self._fd, (buffer,))
             except BlockingIOError:
                 since_checkpoint = 0
                 await trio.lowlevel.wait_readable(self._fd)
@@ -331,10 +338,10 @@ class FuseSession:
                     log.info("fuse connection ended (%s)", errno.errorcode[exc.errno])
                     return
                 raise
-            if not buf:
+            if not size:
                 log.info("fuse connection ended (EOF)")
                 return
-            self._dispatch(buf, nursery)
+            self._dispatch(view[:size], nursery)
             if self._failure is not None:
                 return
             since_checkpoint += 1
@@ -343,24 +350,22 @@ class FuseSession:
                 since_checkpoint = 0
                 await trio.lowlevel.checkpoint()
 
-    def _dispatch(self, buf: bytes, nursery: trio.Nursery) -> None:
-        self._counts["requests"] += 1
+    def _dispatch(self, buf: bytes | memoryview, nursery: trio.Nursery) -> None:
+        self._requests += 1
         try:
-            req = decode_request(buf, self._decode_options)
+            fields, body = decode_parts(buf, self._decode_options)
         except FuseDecodeError as exc:
-            self._counts["decode_errors"] += 1
-            # ENOSYS for an opcode we do not serve is routine (STATX, SYNCFS...).
-            log.log(logging.DEBUG if exc.errno == errno.ENOSYS else logging.WARNING,
-                    "undecodable request: %s", exc)
-            info = abi.OPCODES.get(exc.opcode) if exc.opcode is not None else None
-            wants_reply = info.replies if info is not None else True
-            if exc.unique and not exc.unique & 1 and wants_reply:
-                self._reply(encode_error(exc.unique, exc.errno))
+            self._undecodable(exc)
             return
-        opcode = req.opcode
+        opcode = fields[1]
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s unique=%d nodeid=%d %s", abi.Opcode(opcode).name, req.unique, req.header.nodeid,
-                      req.body)
+            log.debug("%s unique=%d nodeid=%d %s", abi.Opcode(opcode).name, fields[2], fields[3], body)
+        # The hot path: a request the filesystem can answer from what it has
+        # at hand is answered here, with no task and no Request object.
+        method = self._now_opcodes.get(opcode)
+        if method is not None and self._try_answer_now(context_of(fields), body, method):
+            return
+        req = rq.Request(header_of(fields), body)
         if opcode == abi.Opcode.INIT:
             self._handle_init(req, nursery)
             return
@@ -369,30 +374,38 @@ class FuseSession:
             return
         if self._negotiated is None:
             log.warning("request %s before INIT", abi.Opcode(opcode).name)
-            self._reply(encode_error(req.unique, errno.EIO))
+            self._reply_error(req.unique, errno.EIO)
             return
         info = abi.OPCODES[opcode]
         if not info.replies:  # FORGET, BATCH_FORGET: no answer, no interrupt
             nursery.start_soon(self._run_forget, req, info.method)
-            return
-        if info.method in self._answer_now and self._try_answer_now(req, info.method):
             return
         scope = trio.CancelScope()
         if self._table.begin(req.unique, scope):
             scope.cancel()
         nursery.start_soon(self._run, req, info.method, scope)
 
+    def _undecodable(self, exc: FuseDecodeError) -> None:
+        self._counts["decode_errors"] += 1
+        # ENOSYS for an opcode we do not serve is routine (STATX, SYNCFS...).
+        log.log(logging.DEBUG if exc.errno == errno.ENOSYS else logging.WARNING,
+                "undecodable request: %s", exc)
+        info = abi.OPCODES.get(exc.opcode) if exc.opcode is not None else None
+        wants_reply = info.replies if info is not None else True
+        if exc.unique and not exc.unique & 1 and wants_reply:
+            self._reply_error(exc.unique, exc.errno)
+
     def _handle_init(self, req: rq.Request, nursery: trio.Nursery) -> None:
         if self._negotiated is not None:
             log.warning("second INIT after a successful one")
-            self._reply(encode_error(req.unique, errno.EPROTO))
+            self._reply_error(req.unique, errno.EPROTO)
             return
         assert isinstance(req.body, rq.Init)
         config = FuseConfig(**{**_config_fields(self._config), "want": self.effective_want()})
         try:
             result = negotiate(req.body, config)
         except NegotiationError as exc:
-            self._reply(encode_error(req.unique, errno.EPROTO))
+            self._reply_error(req.unique, errno.EPROTO)
             self._failure = FuseProtocolError(str(exc))
             return
         self._reply(encode_reply(req.unique, result.reply.pack()))
@@ -401,6 +414,9 @@ class FuseSession:
             self._decode_options = result.negotiated.decode_options
             log.info("fuse 7.%d negotiated, flags %r", result.negotiated.minor,
                      _F(result.negotiated.flags))
+            if overrides(self._ops, "answer_now"):
+                self._now_opcodes = {int(op): info.method for op, info in abi.OPCODES.items()
+                                     if info.replies and info.method in self._ops.answer_now_methods}
             self._initialized.set()
             nursery.start_soon(self._ops.init, result.negotiated)
 
@@ -417,55 +433,59 @@ class FuseSession:
             await trio.sleep(period_s)
             for own_unique in self._table.expire(trio.current_time()):
                 # Never ENOSYS: that would switch interrupts off for good.
-                self._reply(encode_error(own_unique, errno.EAGAIN))
+                self._reply_error(own_unique, errno.EAGAIN)
 
     # ------------------------------------------------------------- running
 
-    def _try_answer_now(self, req: rq.Request, method: str) -> bool:
+    def _try_answer_now(self, ctx: RequestContext, body: Any, method: str) -> bool:
         """The filesystem's synchronous answer, if it has one (no task, and
         nothing an INTERRUPT could still reach: it is answered before the
         next read)."""
         try:
-            value = self._ops.answer_now(method, self._context(req), req.body)
+            value = self._ops.answer_now(method, ctx, body)
             if value is NOT_NOW:
                 return False
             convert = _CONVERT.get(method)
-            msg = encode_reply(req.unique, convert(value, req.body, method) if convert
-                               else _empty(value, method))
+            payload = convert(value, body, method) if convert else _empty(value, method)
         except FuseError as exc:
-            msg = encode_error(req.unique, exc.errno)
+            self._reply_error(ctx.unique, exc.errno)
+            return True
         except Exception:
             self._counts["handler_crashes"] += 1
-            log.exception("%s (unique %d) answered at once failed", method, req.unique)
-            msg = encode_error(req.unique, errno.EIO)
-        self._reply(msg)
+            log.exception("%s (unique %d) answered at once failed", method, ctx.unique)
+            self._reply_error(ctx.unique, errno.EIO)
+            return True
+        self._reply(encode_reply(ctx.unique, payload))
         return True
 
     def _context(self, req: rq.Request) -> RequestContext:
         h = req.header
-        return RequestContext(h.unique, h.nodeid, h.uid, h.gid, h.pid, h.opcode)
+        return RequestContext(h.opcode, h.unique, h.nodeid, h.uid, h.gid, h.pid)
 
     async def _run(self, req: rq.Request, method: str, scope: trio.CancelScope) -> None:
         unique = req.unique
+        payload: bytes | None = None
+        error = errno.EIO
         try:
             with scope:
                 # Interrupted before it started (see InflightTable.begin): don't run it.
                 await trio.lowlevel.checkpoint_if_cancelled()
-                msg = encode_reply(unique, await self._call(method, req))
+                payload = await self._call(method, req)
             if scope.cancelled_caught:
-                msg = encode_error(unique, errno.EINTR)
+                payload, error = None, errno.EINTR
         except FuseError as exc:
-            msg = encode_error(unique, exc.errno)
+            error = exc.errno
         except OSError as exc:
-            code = exc.errno if exc.errno and 0 < exc.errno <= abi.MAX_ERRNO else errno.EIO
-            msg = encode_error(unique, code)
+            error = exc.errno if exc.errno and 0 < exc.errno <= abi.MAX_ERRNO else errno.EIO
         except Exception:
             self._counts["handler_crashes"] += 1
             log.exception("%s (unique %d) failed", method, unique)
-            msg = encode_error(unique, errno.EIO)
         finally:
             self._table.end(unique)
-        self._reply(msg)
+        if payload is None:
+            self._reply_error(unique, error)
+        else:
+            self._reply(encode_reply(unique, payload))
 
     async def _call(self, method: str, req: rq.Request) -> bytes:
         ctx = self._context(req)
@@ -489,8 +509,13 @@ class FuseSession:
 
     # ------------------------------------------------------------- writing
 
-    def _reply(self, msg: bytes) -> None:
-        """The only way replies reach the device: one message per write(2)."""
+    def _reply_error(self, unique: int, errno_: int) -> None:
+        if self._reply(encode_error(unique, errno_)):
+            self._counts["error_replies"] += 1
+
+    def _reply(self, msg: bytes) -> bool:
+        """The only way replies reach the device: one message per write(2).
+        True if the kernel took it."""
         try:
             written = os.write(self._fd, msg)
         except OSError as exc:
@@ -501,13 +526,12 @@ class FuseSession:
                 pass  # connection gone; serve() is about to see it too
             else:
                 log.error("writing a reply failed: %s", exc)
-            return
+            return False
         if written != len(msg):
             log.error("short reply write: %d of %d bytes", written, len(msg))
-            return
-        self._counts["replies"] += 1
-        if abi.OUT_HEADER.unpack_from(msg)[1] != 0:
-            self._counts["error_replies"] += 1
+            return False
+        self._replies += 1
+        return True
 
     def _write_notify(self, msg: bytes) -> int:
         """Runs in a worker thread (it may block inside the kernel); returns

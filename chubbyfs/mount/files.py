@@ -49,6 +49,11 @@ class FileBuffer:
     def dirty(self) -> bool:
         return self.data is not None
 
+    @property
+    def flush_pending(self) -> bool:
+        """A flush (one of possibly several closes) would commit something."""
+        return self.data is not None and self.written
+
     def load(self, contents: bytes, generation: int) -> None:
         """Fresh contents from the cell (only meaningful while clean)."""
         self.base, self.base_generation = contents, generation
@@ -111,7 +116,7 @@ class FileBuffer:
     def pending_commit(self, *, final: bool = True) -> Commit | None:
         """What to send, or None when clean. `final=False` (a flush, which may
         be one of several closes) skips a buffer that was only truncated."""
-        if self.data is None or (not final and not self.written):
+        if self.data is None or (not final and not self.flush_pending):
             return None
         expected = self.explicit_cas if self.explicit_cas is not None else self.implicit_cas
         return Commit(bytes(self.data), expected, self.too_large)

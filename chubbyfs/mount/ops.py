@@ -30,6 +30,7 @@ import stat as st
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -159,6 +160,13 @@ class ChubbyOperations(Operations):
         # Directories in which a request of ours may hold the kernel's
         # directory lock while it waits for the cell (create, unlink, ...).
         self._busy_dirs: dict[int, int] = {}
+        # Inode -> fcntl (POSIX) lock slots on its open files, held or asked
+        # for. The kernel releases a process's POSIX locks at each close of
+        # the file by sending FLUSH with its lock owner, and skips FLUSH for
+        # opens answered FOPEN_NOFLUSH. So cached read-only opens get
+        # NOFLUSH only while no such slot exists; one opened before the lock
+        # was asked for does not release it when closed (docs/mount.md).
+        self._posix_locks: dict[int, int] = {}
         pool.listener = self
 
     # ----------------------------------------------------------------- identity
@@ -385,12 +393,12 @@ class ChubbyOperations(Operations):
             raise FuseError(errno.EPERM, "explicit times are not stored")
 
     async def _truncate_open_file(self, f: OpenFile, size: int) -> None:
-        assert f.buffer is not None
+        buffer = self._buffer(f)
         try:
-            f.buffer.truncate(size)
+            buffer.truncate(size)
         except NeedContents:
             await self._fetch(f)
-            f.buffer.truncate(size)
+            buffer.truncate(size)
 
     async def _truncate_path(self, ctx: RequestContext, inode: Inode, size: int) -> Stat:
         """truncate(2) on a path: a read-modify-write committed at once, with
@@ -410,13 +418,11 @@ class ChubbyOperations(Operations):
         directory's lock until we answer, and our answer may wait for the
         cell, which may wait for this daemon's acknowledgement of an
         invalidation: entry invalidations in it must not be waited for."""
-        self._busy_dirs[directory.ino] = self._busy_dirs.get(directory.ino, 0) + 1
+        _count(self._busy_dirs, directory.ino, 1)
         try:
             yield
         finally:
-            left = self._busy_dirs.pop(directory.ino) - 1
-            if left:
-                self._busy_dirs[directory.ino] = left
+            _count(self._busy_dirs, directory.ino, -1)
 
     def _new_child_path(self, parent: Inode, raw_name: bytes) -> tuple[str, str]:
         if parent.virtual is not None:
@@ -454,11 +460,11 @@ class ChubbyOperations(Operations):
         us.watch(h)
         entry = self._node_entry(parent.cell, h.stat, us)
         f = self._open_file(ctx, entry.nodeid, parent.cell, path, us, h, req.flags)
-        assert f.buffer is not None
+        buffer = self._buffer(f)
         if h.created:
-            f.buffer.load(b"", h.stat.content_generation)
+            buffer.load(b"", h.stat.content_generation)
         elif req.flags & os.O_TRUNC:
-            f.buffer.truncate(0)  # created meanwhile by someone else: O_TRUNC still applies
+            buffer.truncate(0)  # created meanwhile by someone else: O_TRUNC still applies
         return CreateOut(entry, OpenOut(f.fh, abi.FOPEN_DIRECT_IO))
 
     async def _remove(self, ctx: RequestContext, parent_ino: int, raw_name: bytes, *, directory: bool) -> None:
@@ -544,13 +550,22 @@ class ChubbyOperations(Operations):
         acc = flags & os.O_ACCMODE
         writable = acc in (os.O_WRONLY, os.O_RDWR)
         buffer = None
-        if handle is not None:
-            armed = self.cas_arms.pop((ino, us.principal), None) if writable and us else None
+        if handle is not None and writable:
+            armed = self.cas_arms.pop((ino, us.principal), None) if us else None
             buffer = FileBuffer(append=bool(flags & os.O_APPEND), max_bytes=self.config.max_file_bytes,
                                 cas_generation=armed)
-        f = OpenFile(self._fh(), ino, cell, path, us, handle, buffer, writable, ctx.pid)
-        self.files[f.fh] = f
+        fh = self._next_fh  # self._fh() inline: every cached `cat` comes here
+        self._next_fh = fh + 1
+        f = self.files[fh] = OpenFile(fh, ino, cell, path, us, handle, buffer, writable, ctx.pid)
         return f
+
+    def _buffer(self, f: OpenFile) -> FileBuffer:
+        """The contents buffer of an open node; a read-only open gets one at
+        its first read (a `cat` served from the kernel's pages needs none)."""
+        if f.buffer is None:
+            assert f.handle is not None
+            f.buffer = FileBuffer(append=False, max_bytes=self.config.max_file_bytes)
+        return f.buffer
 
     async def open(self, ctx: RequestContext, req: rq.Open) -> OpenOut:
         inode = self.inode(req.nodeid)
@@ -593,36 +608,65 @@ class ChubbyOperations(Operations):
         return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
 
     def _open_borrowed(self, ctx: RequestContext, inode: Inode, us: UserSession, h: Handle,
-                       flags: int) -> OpenOut:
+                       flags: int, cached: Stat | object | None = None) -> OpenOut:
+        """A read-only open on the session's read handle `h`; `cached` is what
+        the session's cache says of the path, if the caller asked already."""
         if h.stat.is_directory:
             us.reads.give_back(h)
             raise FuseError(errno.EISDIR)
         f = self._open_file(ctx, inode.ino, inode.cell, inode.path, us, h, flags)
         f.borrowed = True
-        if (self._attr_ns and self._pages_trusted(inode.ino)
-                and self._cached_generation(us, inode.path, h.instance) is not None):
+        if cached is None:
+            cached = us.session.lookup_cached(inode.path)
+        if (self._attr_ns and isinstance(cached, Stat) and cached.instance == h.instance
+                and self._pages_trusted(inode.ino)):
             f.keep_cache = True
             self._paged.add(inode.ino)
-            # No FLUSH at close: nothing to commit, and one round trip less
-            # per open/close. (POSIX locks then end with the last close of
-            # this open file, not at any close of the file.)
+            if inode.ino in self._posix_locks:
+                # Someone holds (or asks for) an fcntl lock on this file: a
+                # close of this descriptor must send the FLUSH that releases
+                # its process's POSIX locks.
+                return OpenOut(f.fh, abi.FOPEN_KEEP_CACHE)
+            # No FLUSH at close (nothing to commit): one round trip less per
+            # open/close. See _posix_locks for what that means for fcntl locks.
             return OpenOut(f.fh, abi.FOPEN_KEEP_CACHE | abi.FOPEN_NOFLUSH)
         return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
 
-    answer_now_methods = frozenset({"open", "release"})
+    answer_now_methods = frozenset({"open", "flush", "release"})
 
-    def answer_now(self, method: str, ctx: RequestContext, req: object) -> object:
-        """Opens of files whose read handle is at hand, and releases of such
-        opens, need nothing from the cell: answered without a task."""
+    def answer_now(self, method: str, ctx: RequestContext, req: Any) -> object:
+        """Requests that need nothing from the cell, answered without a task:
+        read-only opens of files whose read handle is at hand, flushes with
+        nothing to commit and no fcntl lock to release, and releases of
+        read-only opens that hold no lock."""
         if method == "open":
-            assert isinstance(req, rq.Open)
-            inode = self.inodes.get(req.nodeid)
-            if inode is None or inode.virtual is not None or inode.is_dir or req.flags & os.O_ACCMODE:
-                return NOT_NOW
-            us = self.pool.peek(inode.cell, self.principal(ctx.uid))
-            h = us.reads.borrow_cached(inode.path) if us is not None and not us.expired else None
-            return NOT_NOW if h is None else self._open_borrowed(ctx, inode, us, h, req.flags)
-        assert method == "release" and isinstance(req, rq.Release)
+            return self._open_now(ctx, req)
+        if method == "flush":
+            return self._flush_now(ctx, req)
+        return self._release_now(ctx, req)
+
+    def _open_now(self, ctx: RequestContext, req: rq.Open) -> object:
+        inode = self.inodes.get(req.nodeid)
+        if inode is None or inode.virtual is not None or inode.is_dir or req.flags & os.O_ACCMODE:
+            return NOT_NOW
+        us = self.pool.peek(inode.cell, self._principals.get(ctx.uid) or self.principal(ctx.uid))
+        if us is None:
+            return NOT_NOW
+        # A Stat here means the session is safe within its lease (so not
+        # expired); otherwise ask the session itself.
+        cached = us.session.lookup_cached(inode.path)
+        if not isinstance(cached, Stat) and us.expired:
+            return NOT_NOW
+        h = us.reads.borrow_cached(inode.path)
+        return NOT_NOW if h is None else self._open_borrowed(ctx, inode, us, h, req.flags, cached)
+
+    def _flush_now(self, ctx: RequestContext, req: rq.Flush) -> object:
+        f = self.files.get(req.fh)
+        if f is None or (f.buffer is not None and f.buffer.flush_pending) or f.ino in self._posix_locks:
+            return NOT_NOW
+        return None
+
+    def _release_now(self, ctx: RequestContext, req: rq.Release) -> object:
         f = self.files.get(req.fh)
         if f is None or not f.borrowed or f.locks or (f.buffer is not None and f.buffer.dirty):
             return NOT_NOW
@@ -650,27 +694,27 @@ class ChubbyOperations(Operations):
             raise FuseError(errno.ESTALE, "the session that opened this file has expired")
 
     async def _fetch(self, f: OpenFile) -> None:
-        assert f.handle is not None and f.buffer is not None
+        assert f.handle is not None
         with cell_errors(f"read {f.path}"):
             contents, stat = await f.handle.get_contents_and_stat()
-        f.buffer.load(contents, stat.content_generation)
+        self._buffer(f).load(contents, stat.content_generation)
 
     async def read(self, ctx: RequestContext, req: rq.Read) -> bytes:
         f = self._file(req.fh)
         if f.handle is None:
             return f.control_data[req.offset:req.offset + req.size]
         self._check_alive(f)
-        assert f.buffer is not None
+        buffer = self._buffer(f)
         if req.offset == 0:
             # A new pass over the file: read what the cell holds now.
-            f.buffer.forget_snapshot()
+            buffer.forget_snapshot()
             f.events_pending = False
         try:
-            data = f.buffer.read(req.offset, req.size)
+            data = buffer.read(req.offset, req.size)
         except NeedContents:
             await self._fetch(f)
-            data = f.buffer.read(req.offset, req.size)
-        if f.keep_cache and (f.buffer.dirty or f.buffer.base_generation != self._cached_generation(
+            data = buffer.read(req.offset, req.size)
+        if f.keep_cache and (buffer.dirty or buffer.base_generation != self._cached_generation(
                 f.us, f.path, f.handle.instance)):
             # These bytes go into the kernel's pages but no session caches
             # them (an invalidation came since): drop them once served.
@@ -740,10 +784,11 @@ class ChubbyOperations(Operations):
         finally:
             # POSIX record locks end when their process closes any descriptor
             # of the file.
-            for other in list(self.files.values()):
-                if other.ino == f.ino:
+            if f.ino in self._posix_locks:
+                for other in [o for o in self.files.values() if o.ino == f.ino]:
                     slot = other.locks.pop((req.lock_owner, False), None)
                     if slot is not None:
+                        _count(self._posix_locks, f.ino, -1)
                         await self._drop_slot(slot)
 
     async def fsync(self, ctx: RequestContext, req: rq.Fsync) -> None:
@@ -758,9 +803,12 @@ class ChubbyOperations(Operations):
                 await self._commit(f)
             except FuseError as exc:
                 log.warning("%s: commit at release failed (the writer had closed already): %s", f.path, exc)
-            for slot in f.locks.values():
-                await self._drop_slot(slot)
+            slots = list(f.locks.values())
             f.locks.clear()
+            for slot in slots:
+                if not slot.is_flock:
+                    _count(self._posix_locks, f.ino, -1)
+                await self._drop_slot(slot)
             if f.handle is not None and f.borrowed:
                 assert f.us is not None
                 f.us.reads.give_back(f.handle)
@@ -1015,6 +1063,8 @@ class ChubbyOperations(Operations):
             return
         if slot is None:
             slot = f.locks[key] = LockSlot(req.is_flock)
+            if not slot.is_flock:
+                _count(self._posix_locks, f.ino, 1)
         if slot.mode == mode:
             return
         if slot.mode is not None:
@@ -1233,8 +1283,21 @@ class ChubbyOperations(Operations):
             assert not f.keep_cache or (f.borrowed and f.ino in self._paged)
         assert self._negative_count == sum(len(names) for names in self._negatives.values())
         assert all(count > 0 for count in self._busy_dirs.values())
+        posix: dict[int, int] = {}
+        for f in self.files.values():
+            for slot in f.locks.values():
+                if not slot.is_flock:
+                    _count(posix, f.ino, 1)
+        assert posix == self._posix_locks, (posix, self._posix_locks)
         for us in self.pool.all():
             us.reads.assert_invariants()
+
+
+def _count(counts: dict[int, int], key: int, delta: int) -> None:
+    """Add `delta` to a count kept only while positive."""
+    left = counts.pop(key, 0) + delta
+    if left:
+        counts[key] = left
 
 
 def _parse_int(text: str, low: int, high: int) -> int:

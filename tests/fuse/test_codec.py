@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from chubbyfs.fuse import abi
 from chubbyfs.fuse import requests as rq
 from chubbyfs.fuse.codec import (
-    DECODED_OPCODES, DecodeOptions, decode_request, encode_error, encode_notify, encode_reply,
-    xattr_list_payload, xattr_payload,
+    DECODED_OPCODES, DecodeOptions, decode_parts, decode_request, encode_error, encode_notify,
+    encode_reply, xattr_list_payload, xattr_payload,
 )
 from chubbyfs.fuse.errors import FuseDecodeError, FuseEncodeError, FuseError
 from chubbyfs.fuse.replies import (
@@ -169,6 +169,34 @@ def test_extensions_are_stripped() -> None:
     req = request(35, struct.pack("<IIII", 0o101, 0o644, 0o22, 0) + b"new\0" + b"X" * 8,
                   extlen=1)
     assert decode_request(req).body == rq.Create(1, b"new", 0o101, 0o644, 0o22, 0)
+
+
+def test_decode_parts_copies_out_of_a_reused_read_buffer() -> None:
+    # The session reads every request into one buffer and decodes a view of
+    # it: what decode_parts returns must not change when the next read
+    # overwrites the buffer.
+    buffer = bytearray(1 << 16)
+    for opcode, body, expected in VECTORS:
+        msg = request(opcode, body, unique=0x20, nodeid=N, pid=7)
+        buffer[:len(msg)] = msg
+        fields, got = decode_parts(memoryview(buffer)[:len(msg)])
+        buffer[:len(msg)] = b"\xff" * len(msg)
+        assert got == expected, abi.Opcode(opcode).name
+        assert fields[:8] == (40 + len(body), opcode, 0x20, N, 1000, 1000, 7, 0)
+
+
+def test_whole_struct_bodies_with_extensions() -> None:
+    # OPEN and RELEASE are unpacked in place when they have their exact
+    # size; with an extension record the body still ends before it.
+    open_in = struct.pack("<II", 0o100002, 0)
+    got = decode_request(request(14, open_in + b"X" * 8, extlen=1)).body
+    assert got == rq.Open(1, 0o100002, 0)
+    # An extension that claims the body's own bytes leaves too short a body.
+    with pytest.raises(FuseDecodeError, match="OPEN"):
+        decode_request(request(14, open_in, extlen=1))
+    release_in = struct.pack("<QIIQ", 9, 0, 0, 0)
+    with pytest.raises(FuseDecodeError, match="extensions"):
+        decode_request(request(18, release_in, extlen=5))
 
 
 @pytest.mark.parametrize("opcode", [52, 37, 50, 51, 48, 200, 4096])

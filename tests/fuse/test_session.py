@@ -193,8 +193,23 @@ async def test_answer_now_replies_without_a_task_or_falls_back() -> None:
         assert (await kernel.call(14, open_in, unique=8, nodeid=3))[:2] == (-errno.EACCES, 8)
         assert (await kernel.call(14, open_in, unique=10, nodeid=4))[:2] == (-errno.EIO, 10)
         assert ops.handled == [5]
-        assert session.statistics().handler_crashes == 1
+        stats = session.statistics()
+        assert stats.handler_crashes == 1
+        # INIT and four opens; two of the answers were errors.
+        assert (stats.requests, stats.replies, stats.error_replies) == (5, 5, 2)
         session.assert_invariants()
+
+
+async def test_answer_now_waits_for_init() -> None:
+    # Before INIT every request is EIO, including those answer_now would take.
+    ops = Quick()
+    async with fake_mount(ops, init=False) as (kernel, session):
+        assert (await kernel.call(14, struct.pack("<II", 0, 0), unique=4, nodeid=2))[:2] == (-errno.EIO, 4)
+        await kernel.send(request(26, init_body(flags=ALL_FLAGS), unique=6, nodeid=0))
+        assert (await kernel.recv())[:2] == (0, 6)
+        error, unique, payload = await kernel.call(14, struct.pack("<II", 0, 0), unique=8, nodeid=2)
+        assert (error, unique, struct.unpack_from("<Q", payload)[0]) == (0, 8, 7)
+        assert ops.handled == []
 
 
 async def test_xattr_and_readdir_through_the_session() -> None:

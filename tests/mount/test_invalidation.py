@@ -1,7 +1,8 @@
 """Which kernel copies an invalidation, a flush or a session state change
 drops, checked against a recording stand-in for the FUSE session (no
 kernel, no cell): the notifications, which are awaited and which only
-queued, and the invariants after."""
+queued, and the invariants after; and which FLUSHes are answered in the
+read loop."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import trio
 
 from chubbyfs.client.session import SessionState
 from chubbyfs.fuse import abi
+from chubbyfs.fuse import requests as rq
+from chubbyfs.fuse.ops import NOT_NOW, context_of
 from chubbyfs.fuse.replies import NotifyInvalEntry, NotifyInvalInode, NotifyPoll
 from chubbyfs.mount.files import FileBuffer
-from chubbyfs.mount.ops import ChubbyOperations, MountConfig, OpenFile
+from chubbyfs.mount.ops import ChubbyOperations, LockSlot, MountConfig, OpenFile
 from chubbyfs.mount.sessions import SessionPool
 
 
@@ -143,3 +146,31 @@ async def test_jeopardy_flushes_and_expiry_also_wakes_pollers(ops: ChubbyOperati
     assert set(ops.session.queued) == {NotifyPoll(11), NotifyPoll(12)}
     assert ops.files[1].events_pending and not ops.files[2].events_pending
     assert ops.files[2].poll_khs == {13}
+
+
+async def test_flush_is_answered_at_once_unless_it_has_work(ops: ChubbyOperations) -> None:
+    """FLUSH comes at every close (of opens without FOPEN_NOFLUSH) and the
+    closer waits for it: answered in the read loop when there is nothing to
+    commit and no fcntl lock to release, otherwise by the async handler."""
+    ino = node(ops, 3, "/f")
+    path = f"/ls/{CELL}/f"
+    ctx = context_of((0, abi.Opcode.FLUSH, 10, ino, 0, 0, 77, 0, 0))
+    reader = ops.files[1] = OpenFile(1, ino, CELL, path, None, None, None, False, 77)
+    assert ops.answer_now("flush", ctx, rq.Flush(ino, 1, 99)) is None
+    writer = ops.files[2] = OpenFile(2, ino, CELL, path, None, None, FileBuffer(append=False, max_bytes=64),
+                                     True, 77)
+    assert writer.buffer is not None
+    writer.buffer.truncate(0)  # only truncated: a flush commits nothing (the last close will)
+    assert ops.answer_now("flush", ctx, rq.Flush(ino, 2, 99)) is None
+    writer.buffer.write(0, b"x")
+    assert ops.answer_now("flush", ctx, rq.Flush(ino, 2, 99)) is NOT_NOW
+    assert ops.answer_now("flush", ctx, rq.Flush(ino, 5, 99)) is NOT_NOW  # unknown: EBADF from flush()
+    # An fcntl lock slot on any open file of the node: the flush may end the
+    # closing process's POSIX locks, so it takes the async path.
+    reader.locks[(99, False)] = LockSlot(is_flock=False)
+    ops._posix_locks[ino] = 1
+    assert ops.answer_now("flush", ctx, rq.Flush(ino, 1, 12)) is NOT_NOW
+    ops.assert_invariants()
+    await ops.flush(ctx, rq.Flush(ino, 1, 99))  # the lock owner closes a descriptor: its slot goes
+    assert reader.locks == {} and ops._posix_locks == {}
+    ops.assert_invariants()

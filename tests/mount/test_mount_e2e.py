@@ -264,6 +264,32 @@ def test_fcntl_locks_exclude_across_mounts_and_end_on_close(mounts: Setup) -> No
     sh(probe, d2)
 
 
+def test_closing_a_cached_read_only_descriptor_ends_the_process_fcntl_locks(mounts: Setup) -> None:
+    # Cached read-only opens skip FLUSH (FOPEN_NOFLUSH), but not while an
+    # fcntl lock is held on the file: POSIX ends the process's locks at the
+    # close of any of its descriptors of the file, and FLUSH carries that.
+    d, d2 = fresh_dir(mounts)
+    sh("echo v > l", d)
+    for _ in range(3):
+        assert (d / "l").read_bytes() == b"v\n"  # the session caches it now
+    probe = f"{PY} -c \"import fcntl; f = open('l', 'r+'); fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\""
+    fd = os.open(d / "l", os.O_RDWR)
+    try:
+        import fcntl
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        assert sh(probe, d2, check=False).returncode != 0
+        reader = os.open(d / "l", os.O_RDONLY)
+        assert os.read(reader, 100) == b"v\n"
+        os.close(reader)
+        sh(probe, d2)  # released by that close
+        fcntl.lockf(fd, fcntl.LOCK_EX)  # the daemon still serves the descriptor that locked
+        assert sh(probe, d2, check=False).returncode != 0
+    finally:
+        os.close(fd)
+    sh(probe, d2)
+    assert sh("cat l", d).stdout == "v\n"
+
+
 def test_identity_and_acls(mounts: Setup) -> None:
     d, _ = fresh_dir(mounts)
     sh("echo secret > f", d)
