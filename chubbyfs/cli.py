@@ -129,7 +129,10 @@ async def _status(args: argparse.Namespace) -> int:
                 reply = await conn.call_replica(address, "status")
                 rows.append(reply["status"])
             except (OSError, EOFError, trio.TooSlowError, ConnectionRefusedError) as exc:
-                rows.append({"address": address, "role": "unreachable", "error": str(exc) or type(exc).__name__})
+                # The same keys as a live replica's row, so scripts can index
+                # any row; the client's cells file does not know its id.
+                rows.append({"id": None, "address": address, "pid": None, "role": "unreachable", "term": None,
+                             "commit": None, "applied": None, "error": str(exc) or type(exc).__name__})
         nursery.cancel_scope.cancel()
     if args.json:
         print(json.dumps(rows, indent=None))
@@ -138,8 +141,9 @@ async def _status(args: argparse.Namespace) -> int:
     print(f"{'id':>3} {'address':<22} {'pid':>7} {'role':<12} {'term':>6} {'commit':>9} {'applied':>9}")
     leader = None
     for r in rows:
-        print(f"{r.get('id', '?'):>3} {r['address']:<22} {r.get('pid', '-'):>7} {r['role']:<12} "
-              f"{r.get('term', '-'):>6} {r.get('commit', '-'):>9} {r.get('applied', '-'):>9}")
+        shown = {k: "-" if r.get(k) is None else r[k] for k in ("id", "pid", "term", "commit", "applied")}
+        print(f"{shown['id']:>3} {r['address']:<22} {shown['pid']:>7} {r['role']:<12} "
+              f"{shown['term']:>6} {shown['commit']:>9} {shown['applied']:>9}")
         if r.get("role") == "leader":
             leader = r
     print(f"leader: {leader['id']} at {leader['address']}" if leader else "leader: none")

@@ -25,7 +25,9 @@ def _wait_for_leader(env, timeout_s=20):
         out = chubbyfs("status", "--json", env=env, check=False)
         if out.returncode == 0:
             rows = json.loads(out.stdout)
-            if any(r["role"] == "leader" for r in rows):
+            # Every row has every key, an unreachable replica's too.
+            assert all({"id", "address", "pid", "role", "term", "commit", "applied"} <= set(r) for r in rows), rows
+            if any(r["role"] == "leader" for r in rows) and all(r["role"] != "unreachable" for r in rows):
                 return rows
         time.sleep(0.1)
     raise AssertionError(f"no leader: {out.stdout} {out.stderr}")
@@ -71,3 +73,16 @@ def test_bad_config_and_bad_cells_file_get_clear_errors(tmp_path):
     env = dict(os.environ, CHUBBYFS_CELLS=str(tmp_path / "nocells.toml"))
     out = chubbyfs("status", env=env, check=False)
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_status_of_an_unreachable_replica_has_every_field(tmp_path):
+    port = free_ports(1)[0]  # nothing listens there
+    cells = tmp_path / "cells.toml"
+    cells.write_text(f'[cells.gone]\nreplicas = ["127.0.0.1:{port}"]\n')
+    env = dict(os.environ, CHUBBYFS_CELLS=str(cells))
+    [row] = json.loads(chubbyfs("status", "--json", env=env).stdout)
+    assert row["role"] == "unreachable" and row["address"] == f"127.0.0.1:{port}" and row["error"]
+    assert {k: row[k] for k in ("id", "pid", "term", "commit", "applied")} == dict.fromkeys(
+        ("id", "pid", "term", "commit", "applied"))
+    table = chubbyfs("status", env=env, check=False)
+    assert table.returncode == 1 and "unreachable" in table.stdout and "leader: none" in table.stdout
