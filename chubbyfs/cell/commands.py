@@ -49,6 +49,7 @@ class ErrorCode(enum.IntEnum):
     MALFORMED_COMMAND = 18
     NOT_INITIALIZED = 19
     CANCELLED = 20  # a queued Acquire ended by Close or Release of its handle
+    STALE_REQUEST = 21  # a numbered request below what its client has had answered
 
 
 class CreateMode(enum.IntEnum):
@@ -80,6 +81,10 @@ class CellLimits:
     max_sessions: int = 50_000
     max_name_bytes: int = 255
     max_path_depth: int = 64
+    # Results of numbered requests kept per session until their client says
+    # it has had them; beyond this the oldest are forgotten (see
+    # session_requests.py).
+    max_unanswered_requests: int = 1_000
 
     def with_overrides(self, overrides: dict[str, int]) -> CellLimits:
         known = {f.name for f in fields(self)}
@@ -231,6 +236,9 @@ class CreateSession:
     now_ms: int
     session_id: int  # chosen by the master; must exceed every earlier one
     lease_end_ms: int
+    # Chosen by the client, the same for every attempt: a retry whose first
+    # attempt created the session is answered with that session (0: none).
+    nonce: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -288,6 +296,8 @@ class Open:
     acl: tuple[str, ...] = ()  # () inherits the parent's; else (read, write, change)
     events: int = 0  # EventKind subscription mask
     lock_delay_ms: int | None = None  # None: DEFAULT_LOCK_DELAY_MS
+    request_no: int = 0  # see session_requests.py; 0: not numbered
+    answered_below: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -297,6 +307,8 @@ class Close:
     session_id: int
     principal: str
     handle: HandleRef
+    request_no: int = 0  # see session_requests.py; 0: not numbered
+    answered_below: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -335,6 +347,8 @@ class SetContents:
     handle: HandleRef
     contents: bytes
     expected_generation: int | None = None  # compare-and-swap when given
+    request_no: int = 0  # see session_requests.py; 0: not numbered
+    answered_below: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -347,6 +361,8 @@ class SetACL:
     read: str
     write: str
     change_acl: str
+    request_no: int = 0  # see session_requests.py; 0: not numbered
+    answered_below: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -356,6 +372,8 @@ class Delete:
     session_id: int
     principal: str
     handle: HandleRef
+    request_no: int = 0  # see session_requests.py; 0: not numbered
+    answered_below: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -368,6 +386,8 @@ class Acquire:
     principal: str
     handle: HandleRef
     mode: LockMode
+    request_no: int = 0  # see session_requests.py; 0: not numbered
+    answered_below: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -378,6 +398,8 @@ class TryAcquire:
     principal: str
     handle: HandleRef
     mode: LockMode
+    request_no: int = 0  # see session_requests.py; 0: not numbered
+    answered_below: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -389,6 +411,8 @@ class Release:
     session_id: int
     principal: str
     handle: HandleRef
+    request_no: int = 0  # see session_requests.py; 0: not numbered
+    answered_below: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -408,6 +432,8 @@ class SetSequencer:
     principal: str
     handle: HandleRef
     sequencer: str
+    request_no: int = 0  # see session_requests.py; 0: not numbered
+    answered_below: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -429,6 +455,8 @@ class Rename:
     principal: str
     src_path: str
     dst_path: str
+    request_no: int = 0  # see session_requests.py; 0: not numbered
+    answered_below: int = 0
 
 
 COMMAND_TYPES: tuple[type, ...] = (
@@ -439,6 +467,11 @@ COMMAND_TYPES: tuple[type, ...] = (
 _BY_TAG: dict[int, type] = {cls.TAG: cls for cls in COMMAND_TYPES}
 if len(_BY_TAG) != len(COMMAND_TYPES):
     raise RuntimeError("duplicate command tags")
+
+# Commands that may carry request numbers (every mutating call of a session
+# but EndSession, which ends the numbering with the session).
+NUMBERED_TYPES: tuple[type, ...] = (Open, Close, SetContents, SetACL, Delete, Acquire, TryAcquire,
+                                    Release, SetSequencer, Rename)
 
 # Commands that only read state: the master may serve them with `query`.
 READ_ONLY_TYPES: tuple[type, ...] = (GetContentsAndStat, GetStat, ReadDir, GetSequencer,
@@ -558,7 +591,8 @@ _SCHEMAS: dict[type, tuple[tuple[str, Any, Any], ...]] = {
 }
 # Fields added later have defaults and come last: an entry written before
 # they existed (exactly that much shorter) still decodes, as it did then.
-_ADDED_FIELDS: dict[type, int] = {Tick: 2, ExtendLeases: 1}
+_ADDED_FIELDS: dict[type, int] = {Tick: 2, ExtendLeases: 1, CreateSession: 1,
+                                   **{cls: 2 for cls in NUMBERED_TYPES}}
 _ARITIES: dict[type, tuple[int, ...]] = {
     cls: (len(_SCHEMAS[cls]), len(_SCHEMAS[cls]) - _ADDED_FIELDS.get(cls, 0)) for cls in COMMAND_TYPES
 }

@@ -28,6 +28,11 @@ replica layer does for us via NotLeaderError). The master:
   schedules the ephemeral sweep) and sends each session a fail-over item;
   until a session acknowledges it, it counts as caching everything. The
   acknowledgement re-creates the handles the client still holds;
+- passes a mutating request's number (`request_no`, `answered_below`) and a
+  CreateSession's `nonce` into the command: the state machine applies each
+  at most once, so an attempt this master held (for acknowledgements, for
+  mastership) while the client's retry went through is answered, or
+  refused, but never applied again (`session_requests.py`);
 - rejects a request that names an older epoch than its own (`stale_epoch`),
   so a client hears of the fail-over before a new master serves it, and
   sends one naming a newer epoch away (`not_leader`): that master is gone.
@@ -53,7 +58,9 @@ from chubbyfs.locks import LockMode
 from chubbyfs.raft.node import ProposalLostError, ProposalOutcomeUnknownError, RaftNode
 from chubbyfs.raft.rawnode import NotLeaderError, ProposalDroppedError
 from chubbyfs.raft.types import Role
-from chubbyfs.wire.cell_protocol import HANDLE_OPS, OPEN_FIELDS, STALE_EPOCH, value_to_wire
+from chubbyfs.wire.cell_protocol import (
+    HANDLE_OPS, OPEN_FIELDS, REQUEST_NUMBER_FIELDS, STALE_EPOCH, value_to_wire,
+)
 
 from . import commands as c
 from . import names
@@ -442,7 +449,8 @@ class CellService:
             sid = next(self._session_ids)
             now = self.clock_ms()
             created = await self._propose(c.CreateSession(now_ms=now, session_id=sid,
-                                                          lease_end_ms=now + self.session_lease_ms))
+                                                          lease_end_ms=now + self.session_lease_ms,
+                                                          nonce=_int(req, "nonce") if "nonce" in req else 0))
             return {"session_id": created.session_id, "lease_end_ms": created.lease_end_ms,
                     "lease_ms": self.session_lease_ms, "epoch": self.epoch}
         if op == "keep_alive":
@@ -457,14 +465,15 @@ class CellService:
             if "acl" in fields:
                 fields["acl"] = tuple(fields["acl"])
             cmd = c.Open(now_ms=self.clock_ms(), session_id=session_id, principal=principal,
-                         epoch=self.epoch, **fields)
+                         epoch=self.epoch, **fields, **_numbering(req))
             if not cmd.create:
                 return await self._propose(cmd)
             path = _field(req, "path")
             return await self._modify(cmd, (path, names.parent_of(path)) if isinstance(path, str) else ())
         if op == "rename":
             cmd = c.Rename(now_ms=self.clock_ms(), session_id=session_id, principal=principal,
-                           src_path=_field(req, "src_path"), dst_path=_field(req, "dst_path"))
+                           src_path=_field(req, "src_path"), dst_path=_field(req, "dst_path"),
+                           **_numbering(req))
             return await self._modify(cmd, *self._rename_paths(cmd.src_path, cmd.dst_path))
         if op not in HANDLE_OPS:
             raise CellError("bad_request", f"unknown op {op!r}")
@@ -488,12 +497,14 @@ class CellService:
 
     def _handle_command(self, op: str, req: dict, principal: str) -> Any:
         """The command for a call on a handle (`op` in HANDLE_OPS)."""
-        extra, _read_only = HANDLE_OPS[op]
+        extra, read_only = HANDLE_OPS[op]
         try:
             handle = HandleRef.from_wire(req.get("handle"))
         except ValueError as exc:
             raise CellError("bad_request", f"bad handle: {exc}") from None
         kwargs = {k: req[k] for k in extra if k in req}
+        if not read_only:
+            kwargs.update(_numbering(req))
         if "mode" in kwargs:
             kwargs["mode"] = _mode(kwargs["mode"])
         return _OP_CLASSES[op](now_ms=self.clock_ms(), session_id=_int(req, "session_id"),
@@ -637,7 +648,8 @@ class CellService:
                 wakeup = await receive.receive()
             except trio.EndOfChannel:
                 # Mastership moved while we waited; the client retries the
-                # Acquire at the new master, where it is still queued.
+                # Acquire at the new master, where it is still queued (a
+                # numbered retry is answered "queued" and waits again).
                 raise CellError("retry", "master changed while the Acquire waited") from None
             if wakeup.code != ErrorCode.OK:
                 raise CellError(wakeup.code.name.lower(), f"Acquire ended: {wakeup.code.name.lower()}")
@@ -986,6 +998,12 @@ def _handle_ids(req: dict) -> list[int] | None:
     if not isinstance(value, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in value):
         raise CellError("bad_request", "'handles' must be a list of handle ids")
     return value
+
+
+def _numbering(req: dict) -> dict[str, int]:
+    """A mutating call's request number and answered mark, if it is numbered
+    (the state machine applies each number once; see session_requests.py)."""
+    return {name: _int(req, name) for name in REQUEST_NUMBER_FIELDS if name in req}
 
 
 def _int(req: dict, name: str) -> int:

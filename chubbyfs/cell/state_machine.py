@@ -31,7 +31,7 @@ from chubbyfs.cell import acl as acl_mod
 from chubbyfs.cell import names
 from chubbyfs.cell.acl import AclKind, AclNames
 from chubbyfs.cell.commands import (
-    ALL_EVENTS, READ_ONLY_TYPES, Acquire, ApplyResult, CellLimits, CheckResult,
+    ALL_EVENTS, NUMBERED_TYPES, READ_ONLY_TYPES, Acquire, ApplyResult, CellLimits, CheckResult,
     CheckSequencer, Close, ContentsResult, CreateMode, CreateSession, Delete, DirEntry,
     EndSession, ErrorCode, Event, EventKind, ExtendLeases, GetContentsAndStat,
     GetSequencer, GetStat, InitCell, LockResult, LockWakeup, MalformedCommand,
@@ -42,13 +42,17 @@ from chubbyfs.cell.commands import (
 from chubbyfs.cell.handles import (
     ALL_INTENTS, HandleRecord, HandleRef, Intent, make_ref, ref_is_authentic,
 )
+from chubbyfs.cell.session_requests import RequestTable, wakeup_outcome
 from chubbyfs.locks import (
     DEFAULT_LOCK_DELAY_MS, LockMode, LockState, Sequencer, SequencerError,
     check_lock_delay_ms,
 )
 
-SNAPSHOT_VERSION = 2  # 2 added the master epoch and the ephemeral sweep; 1 still restores
-_SNAPSHOT_FIELDS = {1: 15, 2: 18}
+# 2 added the master epoch and the ephemeral sweep; 3 each session's creation
+# nonce and request table. 1 and 2 still restore (their logs had no numbered
+# requests, so their sessions start with empty tables).
+SNAPSHOT_VERSION = 3
+_SNAPSHOT_FIELDS = {1: 15, 2: 18, 3: 18}
 ADMIN_ACL_NAME = "admin"
 MIN_SECRET_BYTES = 16
 
@@ -107,12 +111,14 @@ class Node:
 
 
 class Session:
-    __slots__ = ("session_id", "lease_end_ms", "handle_ids")
+    __slots__ = ("session_id", "lease_end_ms", "handle_ids", "nonce", "requests")
 
-    def __init__(self, session_id: int, lease_end_ms: int) -> None:
+    def __init__(self, session_id: int, lease_end_ms: int, nonce: int = 0) -> None:
         self.session_id = session_id
         self.lease_end_ms = lease_end_ms
         self.handle_ids: set[int] = set()
+        self.nonce = nonce  # the client's CreateSession nonce (0: none)
+        self.requests = RequestTable()
 
 
 class _Effects:
@@ -160,6 +166,7 @@ class CellStateMachine:
         self.nodes: dict[int, Node] = {}
         self.by_path: dict[str, int] = {}
         self.sessions: dict[int, Session] = {}
+        self.session_nonces: dict[int, int] = {}  # nonce -> live session id (derived)
         self.handles: dict[int, HandleRecord] = {}
         # Lock-delay left behind by a deleted node: a node re-created at the
         # same path inherits it, so deleting an ephemeral lock file cannot
@@ -207,13 +214,41 @@ class CellStateMachine:
         if self.cell is not None:
             self._advance_time(fx)
         mark = fx.mark()
+        table = self._request_table(cmd)
+        answer = None if table is None else table.admit(cmd.request_no, cmd.answered_below)
+        if answer is not None:  # a duplicate (or refused as one): applied no further
+            self._settle_acquires(fx)
+            return fx.finish(answer)
         handler = self._handlers()[type(cmd)]
         try:
             result = handler(cmd, fx)
         except _Fail as fail:
             fx.rollback(mark)
             result = Result(fail.code, fail.message)
+        self._settle_acquires(fx)
+        if table is not None and cmd.session_id in self.sessions:
+            # Refusals are recorded too: a late duplicate of a refused request
+            # must not succeed after its client was told it failed.
+            queued = (cmd.handle.handle_id if isinstance(cmd, Acquire) and result.ok
+                      and not result.value.granted else None)
+            table.record(cmd.request_no, result, queued, self.limits.max_unanswered_requests)
         return fx.finish(result)
+
+    def _request_table(self, cmd: Any) -> RequestTable | None:
+        """The request table a numbered command is checked against (None:
+        not numbered, or no live session, which its handler refuses)."""
+        if type(cmd) not in NUMBERED_TYPES or not cmd.request_no:
+            return None
+        session = self.sessions.get(cmd.session_id)
+        return None if session is None else session.requests
+
+    def _settle_acquires(self, fx: _Effects) -> None:
+        """Queued Acquires that ended in this apply answer a retry with their end."""
+        for wakeup in fx.wakeups:
+            session = self.sessions.get(wakeup.session_id)
+            if session is not None:
+                session.requests.woken(wakeup.handle_id, wakeup_outcome(
+                    wakeup.code, wakeup.lock_generation, wakeup.sequencer))
 
     def query(self, command: Any) -> Result:
         """Serve a read-only command (a dataclass or its bytes) from applied
@@ -415,6 +450,9 @@ class CellStateMachine:
         return Result(ErrorCode.OK, value=self._stat(root))
 
     def _create_session(self, cmd: CreateSession, fx: _Effects) -> Result:
+        existing = self.session_nonces.get(cmd.nonce) if cmd.nonce else None
+        if existing is not None:  # a retry: its first attempt created the session
+            return Result(ErrorCode.OK, value=SessionResult(existing, self.sessions[existing].lease_end_ms))
         if cmd.session_id <= self.last_session_id:
             raise _Fail(ErrorCode.INVALID_ARGUMENT,
                         f"session id {cmd.session_id} must exceed every earlier session id "
@@ -425,7 +463,9 @@ class CellStateMachine:
             raise _Fail(ErrorCode.LIMIT_EXCEEDED,
                         f"cell already has {self.limits.max_sessions} sessions")
         self.last_session_id = cmd.session_id
-        self.sessions[cmd.session_id] = Session(cmd.session_id, cmd.lease_end_ms)
+        self.sessions[cmd.session_id] = Session(cmd.session_id, cmd.lease_end_ms, cmd.nonce)
+        if cmd.nonce:
+            self.session_nonces[cmd.nonce] = cmd.session_id
         heapq.heappush(self._lease_heap, (cmd.lease_end_ms, cmd.session_id))
         return Result(ErrorCode.OK, value=SessionResult(cmd.session_id, cmd.lease_end_ms))
 
@@ -465,6 +505,7 @@ class CellStateMachine:
                 if node is not None:
                     touched[node.instance] = node
             del self.sessions[sid]
+            self.session_nonces.pop(session.nonce, None)
             fx.ended_sessions.append(sid)
         # Grants only once every ending session is gone, so none goes to a
         # session that ends in this same apply.
@@ -1027,12 +1068,16 @@ class CellStateMachine:
             SNAPSHOT_VERSION, self.applied_index, self.cell, self.secret, sorted(self.admins),
             sorted(self.limits.to_wire().items()), self.now_ms, self.next_instance,
             self.generation_counter, self.next_handle_id, self.last_session_id, nodes,
-            [[sid, self.sessions[sid].lease_end_ms] for sid in sorted(self.sessions)],
+            [self._session_to_wire(self.sessions[sid]) for sid in sorted(self.sessions)],
             [self.handles[h].to_wire() for h in sorted(self.handles)],
             sorted([path, until] for path, until in self.path_delays.items()),
             self.epoch, self.sweep_at_ms, sorted(self.unconfirmed),
         ]
         return msgpack.packb(state, use_bin_type=True)
+
+    @staticmethod
+    def _session_to_wire(session: Session) -> list:
+        return [session.session_id, session.lease_end_ms, session.nonce, session.requests.to_wire()]
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot's. On SnapshotError the
@@ -1087,9 +1132,12 @@ class CellStateMachine:
             if node.parent_instance:
                 self.nodes[node.parent_instance].children[names.base_name(node.path)] = \
                     node.instance
-        for sid, lease_end in sessions:
-            self.sessions[sid] = Session(sid, lease_end)
-            heapq.heappush(self._lease_heap, (lease_end, sid))
+        for wire in sessions:
+            session = self._session_from_wire(state[0], wire)
+            self.sessions[session.session_id] = session
+            if session.nonce:
+                self.session_nonces[session.nonce] = session.session_id
+            heapq.heappush(self._lease_heap, (session.lease_end_ms, session.session_id))
         for wire in handles:
             handle = HandleRecord.from_wire(wire)
             self.handles[handle.handle_id] = handle
@@ -1099,6 +1147,16 @@ class CellStateMachine:
         for path, until in path_delays:
             self.path_delays[path] = until
             heapq.heappush(self._path_delay_heap, (until, path))
+
+    @staticmethod
+    def _session_from_wire(version: int, wire: list) -> Session:
+        if version < 3:  # before request numbers: nothing to remember yet
+            sid, lease_end = wire
+            return Session(sid, lease_end)
+        sid, lease_end, nonce, requests = wire
+        session = Session(sid, lease_end, nonce)
+        session.requests = RequestTable.from_wire(requests)
+        return session
 
     # ================================================================ invariants
 
@@ -1161,6 +1219,11 @@ class CellStateMachine:
             for handle_id in session.handle_ids:
                 check(handle_id in self.handles and self.handles[handle_id].session_id == sid,
                       f"session {sid} lists a foreign handle {handle_id}")
+            self._check_requests(session, check)
+        check(all(self.sessions.get(sid) is not None and self.sessions[sid].nonce == nonce
+                  for nonce, sid in self.session_nonces.items())
+              and len(self.session_nonces) == sum(1 for s in self.sessions.values() if s.nonce),
+              "the session nonce index disagrees with the sessions")
         for handle_id, handle in self.handles.items():
             check(0 < handle_id < self.next_handle_id, f"handle {handle_id} out of range")
             session = self.sessions.get(handle.session_id)
@@ -1180,6 +1243,16 @@ class CellStateMachine:
         check(bool(self.sweep_at_ms) or not self.unconfirmed,
               "handles await re-creation but no ephemeral sweep is due")
         check(self.sweep_at_ms == 0 or self.sweep_at_ms > now, "the ephemeral sweep is overdue")
+
+    def _check_requests(self, session: Session, check: Callable[[bool, str], None]) -> None:
+        for problem in session.requests.problems(self.limits.max_unanswered_requests):
+            check(False, f"session {session.session_id}: {problem}")
+        for handle_id in session.requests.waiting:
+            handle = self.handles.get(handle_id)
+            check(handle is not None and handle.session_id == session.session_id
+                  and handle.waiting_mode is not None,
+                  f"session {session.session_id}: handle {handle_id} has a recorded queued Acquire "
+                  "but does not wait")
 
     def _check_lock(self, node: Node, now: int, check: Callable[[bool, str], None]) -> None:
         lock = node.lock

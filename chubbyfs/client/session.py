@@ -25,12 +25,21 @@ has heard of the fail-over; the call then waits for the KeepAlive that
 brings it and is sent again. The KeepAlive that acknowledges a fail-over
 lists the handles the session holds, which re-creates them at the new
 master; a closed handle is never listed, so it never comes back.
+
+Every mutating call carries a request number, the same on every attempt,
+and the cell applies each number at most once (`session_requests.py`). So
+every call is retried after an ambiguous outcome (a timeout, a lost
+connection), writes and lock calls included: a retry is answered with the
+first attempt's result if that was applied, and an attempt held somewhere
+can never be applied after the session has moved on. `create_session`
+carries a nonce for the same reason.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -39,14 +48,14 @@ from typing import Any, AsyncIterator, Literal
 import trio
 
 from chubbyfs.cell.config import load_cells_file
-from chubbyfs.wire.cell_protocol import ITEM_INVALIDATE, STALE_EPOCH, Stat
+from chubbyfs.wire.cell_protocol import ITEM_INVALIDATE, NUMBERED_OPS, STALE_EPOCH, Stat
 
 from chubbyfs._trio_util import single_errors
 
 from .cache_core import ABSENT, ClientCache, DirEntry
 from .connection import CellConnection, CellError
 from .events import Event, EventKind, EventQueue, MasterFailover, make_event
-from .session_core import DEFAULT_GRACE_MS, SessionLeaseCore, SessionState, StateChange
+from .session_core import DEFAULT_GRACE_MS, RequestNumbers, SessionLeaseCore, SessionState, StateChange
 
 __all__ = ["ABSENT", "DirEntry", "Event", "EventKind", "Handle", "Session", "SessionExpiredError",
            "SessionState", "StateChange", "open_session"]
@@ -98,6 +107,7 @@ class Session:
         self._subscribers: list[EventQueue] = []
         self._epoch_changed = trio.Event()
         self._declare_handles = False  # a fail-over was processed: the next KeepAlive lists our handles
+        self.requests = RequestNumbers()
 
     @property
     def epoch(self) -> int:
@@ -169,6 +179,17 @@ class Session:
         return (await self._call_reply(op, idempotent=idempotent, **args))["value"]
 
     async def _call_reply(self, op: str, *, idempotent: bool, **args: Any) -> dict:
+        if op not in NUMBERED_OPS:
+            return await self._send(op, idempotent=idempotent, **args)
+        request_no, answered_below = self.requests.begin()
+        try:
+            # Numbered: the cell applies it once however often it is sent.
+            return await self._send(op, idempotent=True, request_no=request_no,
+                                    answered_below=answered_below, **args)
+        finally:
+            self.requests.end(request_no)
+
+    async def _send(self, op: str, *, idempotent: bool, **args: Any) -> dict:
         # In jeopardy calls wait: they go on once a master renews the lease,
         # or fail when the grace period ends (Chubby §2.8).
         while True:
@@ -213,13 +234,13 @@ class Session:
             args["acl"] = list(acl)
         if lock_delay_ms is not None:
             args["lock_delay_ms"] = lock_delay_ms
-        value = await self._call("open", idempotent=not create, **args)
+        value = await self._call("open", idempotent=True, **args)
         handle = Handle(self, path, value["handle"], Stat.from_wire(value["stat"]), value["created"])
         self._handles[handle.id] = handle
         return handle
 
     async def rename(self, src_path: str, dst_path: str) -> Stat:
-        return Stat.from_wire(await self._call("rename", idempotent=False, src_path=src_path, dst_path=dst_path))
+        return Stat.from_wire(await self._call("rename", idempotent=True, src_path=src_path, dst_path=dst_path))
 
     async def check_sequencer(self, sequencer: str) -> tuple[bool, str]:
         value = (await self.conn.call("check_sequencer", sequencer=sequencer))["value"]
@@ -356,15 +377,17 @@ class Handle:
         """Outstanding and future calls on the handle fail; it stays open."""
         self._poisoned = True
 
-    async def _call(self, op: str, *, idempotent: bool, **args: Any) -> Any:
-        return (await self._call_reply(op, idempotent=idempotent, **args))["value"]
+    async def _call(self, op: str, **args: Any) -> Any:
+        return (await self._call_reply(op, **args))["value"]
 
-    async def _call_reply(self, op: str, *, idempotent: bool, **args: Any) -> dict:
+    async def _call_reply(self, op: str, **args: Any) -> dict:
+        """Every handle call may be retried: reads change nothing, and the
+        others are numbered (applied once however often they are sent)."""
         if self.closed:
             raise CellError("bad_handle", f"handle on {self.path} is closed")
         if self._poisoned and op != "close":
             raise CellError("cancelled", f"handle on {self.path} is poisoned")
-        reply = await self.session._call_reply(op, idempotent=idempotent, handle=self.ref, **args)
+        reply = await self.session._call_reply(op, idempotent=True, handle=self.ref, **args)
         if self._poisoned and op != "close":
             raise CellError("cancelled", f"handle on {self.path} is poisoned")
         return reply
@@ -379,7 +402,7 @@ class Handle:
         if hit is not None:
             self.stat = hit[1]
             return hit
-        reply = await self._call_reply("get_contents_and_stat", idempotent=True, cache=self.session.caching)
+        reply = await self._call_reply("get_contents_and_stat", cache=self.session.caching)
         value = reply["value"]
         contents, stat = value["contents"], Stat.from_wire(value["stat"])
         self.session._install(reply, lambda path, epoch, seq: self.session.cache.put_contents(
@@ -392,7 +415,7 @@ class Handle:
         if hit is not None:
             self.stat = hit
             return hit
-        reply = await self._call_reply("get_stat", idempotent=True, cache=self.session.caching)
+        reply = await self._call_reply("get_stat", cache=self.session.caching)
         stat = Stat.from_wire(reply["value"])
         self.session._install(reply, lambda path, epoch, seq: self.session.cache.put_stat(
             path, stat, epoch=epoch, seq=seq))
@@ -403,7 +426,7 @@ class Handle:
         hit = self._cached(lambda cache: cache.get_listing(self._node_path, self.instance))
         if hit is not None:
             return list(hit)
-        reply = await self._call_reply("read_dir", idempotent=True, cache=self.session.caching)
+        reply = await self._call_reply("read_dir", cache=self.session.caching)
         entries = tuple(DirEntry(e["name"], Stat.from_wire(e["stat"])) for e in reply["value"]["entries"])
         self.session._install(reply, lambda path, epoch, seq: self.session.cache.put_listing(
             path, self.instance, entries, epoch=epoch, seq=seq))
@@ -415,42 +438,42 @@ class Handle:
         args: dict[str, Any] = {"contents": contents}
         if expected_generation is not None:
             args["expected_generation"] = expected_generation
-        self.stat = Stat.from_wire(await self._call("set_contents", idempotent=expected_generation is None, **args))
+        self.stat = Stat.from_wire(await self._call("set_contents", **args))
         return self.stat
 
     async def set_acl(self, read: str, write: str, change_acl: str) -> Stat:
-        self.stat = Stat.from_wire(await self._call("set_acl", idempotent=True, read=read, write=write,
+        self.stat = Stat.from_wire(await self._call("set_acl", read=read, write=write,
                                                     change_acl=change_acl))
         return self.stat
 
     async def delete(self) -> None:
-        await self._call("delete", idempotent=False)
+        await self._call("delete")
 
     async def acquire(self, mode: str = "exclusive") -> str:
         """Block until the lock is held; return its sequencer."""
-        return (await self._call("acquire", idempotent=True, mode=mode))["sequencer"]
+        return (await self._call("acquire", mode=mode))["sequencer"]
 
     async def try_acquire(self, mode: str = "exclusive") -> str | None:
         """The sequencer if the lock was free, else None."""
         try:
-            return (await self._call("try_acquire", idempotent=True, mode=mode))["sequencer"]
+            return (await self._call("try_acquire", mode=mode))["sequencer"]
         except CellError as exc:
             if exc.code == "lock_held":
                 return None
             raise
 
     async def release(self) -> None:
-        await self._call("release", idempotent=False)
+        await self._call("release")
 
     async def get_sequencer(self) -> str:
-        return (await self._call("get_sequencer", idempotent=True))["sequencer"]
+        return (await self._call("get_sequencer"))["sequencer"]
 
     async def set_sequencer(self, sequencer: str) -> None:
-        await self._call("set_sequencer", idempotent=True, sequencer=sequencer)
+        await self._call("set_sequencer", sequencer=sequencer)
 
     async def close(self) -> None:
         if not self.closed and not self.session.expired:
-            await self._call("close", idempotent=True)
+            await self._call("close")
         self.closed = True
         self._events.close()
         self.session._handles.pop(self.id, None)
@@ -485,7 +508,10 @@ async def open_session(cell: str, *, cells_file: str | Path | None = None, addre
                                   call_timeout_s=call_timeout_s)
             try:
                 sent_at = trio.current_time()
-                value = (await conn.call("create_session", idempotent=False))["value"]
+                # The same nonce on every attempt: a retry finds the session
+                # its first attempt created instead of making another.
+                nonce = secrets.randbits(64) or 1
+                value = (await conn.call("create_session", idempotent=True, nonce=nonce))["value"]
                 session = Session(conn, value["session_id"], value["lease_ms"], lease_start=sent_at,
                                   epoch=value.get("epoch", 0), cache=cache)
                 nursery.start_soon(session.keep_alive_forever)

@@ -107,3 +107,27 @@ class SessionLeaseCore:
         assert (self.grace_end_ms is not None) == (self.state == SessionState.JEOPARDY)
         if self.grace_end_ms is not None:
             assert self.grace_end_ms >= self.local_lease_end_ms
+
+
+class RequestNumbers:
+    """A session's request numbers (`wire/cell_protocol.py`): one per call,
+    the same for every attempt of it, so the cell applies a call at most once
+    however often it is retried. `answered_below` is the lowest number still
+    in flight: the cell may forget the results below it, and refuses any late
+    attempt below it. A call that ends, even without a known outcome, stops
+    holding the mark back: once the next call is applied, no attempt of it
+    left behind at a master can be applied any more."""
+
+    def __init__(self) -> None:
+        self._next = 1
+        self._in_flight: set[int] = set()
+
+    def begin(self) -> tuple[int, int]:
+        """(request_no, answered_below) for a new call."""
+        number = self._next
+        self._next += 1
+        self._in_flight.add(number)
+        return number, min(self._in_flight)
+
+    def end(self, number: int) -> None:
+        self._in_flight.discard(number)

@@ -13,6 +13,16 @@ Master epochs: any request but `keep_alive` and `end_session` may carry
 `epoch`, the master epoch its client last heard of. A master with a newer
 epoch refuses it unexecuted with `stale_epoch` (the reply's `epoch` is the
 master's); one with an older epoch answers `not_leader`.
+
+Request numbers: every call in `NUMBERED_OPS` may carry `request_no` (per
+session 1, 2, 3, ...; every attempt of one call sends the same number) and
+`answered_below` (the client has had the answer of every number below it;
+at most `request_no`). The cell applies each number at most once: an attempt
+whose number was applied is answered with the first attempt's result, one
+below `answered_below` is refused with `stale_request`. So a client may retry
+any numbered call after an ambiguous outcome. `create_session` may carry
+`nonce` (a random non-zero 64-bit int, the same for every attempt): a retry
+whose first attempt created the session gets that session.
 """
 
 from __future__ import annotations
@@ -36,6 +46,13 @@ HANDLE_OPS: dict[str, tuple[tuple[str, ...], bool]] = {
     "get_sequencer": ((), True),
     "set_sequencer": (("sequencer",), False),
 }
+
+# Calls whose requests carry request numbers: every mutating call of a
+# session but end_session (its retry finds the session gone, which is fine).
+NUMBERED_OPS = frozenset({"open", "rename"} | {op for op, (_, read_only) in HANDLE_OPS.items()
+                                                if not read_only})
+REQUEST_NUMBER_FIELDS = ("request_no", "answered_below")
+STALE_REQUEST = "stale_request"
 
 # KeepAlive replies carry `items`: [seq, kind, handle_id, path, name], one
 # per-session sequence for invalidations and events alike. `kind` is one of

@@ -14,6 +14,7 @@ CORE_MODULES = [
     PACKAGE / "locks.py",
     PACKAGE / "cell" / "commands.py",
     PACKAGE / "cell" / "state_machine.py",
+    PACKAGE / "cell" / "session_requests.py",
     PACKAGE / "cell" / "names.py",
     PACKAGE / "cell" / "acl.py",
     PACKAGE / "cell" / "handles.py",

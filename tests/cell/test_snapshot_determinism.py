@@ -3,6 +3,7 @@ agree on every result and on the snapshot bytes, also after a restore."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import msgpack
@@ -10,8 +11,8 @@ import pytest
 
 from chubbyfs.cell.commands import (
     Acquire, Close, CreateMode, CreateSession, Delete, EndSession, ExtendLeases,
-    GetContentsAndStat, InitCell, Open, Release, Rename, SetACL, SetContents, SetSequencer,
-    Tick, TryAcquire, encode_command,
+    NUMBERED_TYPES, GetContentsAndStat, InitCell, Open, Release, Rename, SetACL, SetContents,
+    SetSequencer, Tick, TryAcquire, encode_command,
 )
 from chubbyfs.cell.handles import ALL_INTENTS
 from chubbyfs.cell.state_machine import CellStateMachine, SnapshotError
@@ -24,8 +25,11 @@ NAMES = ("a", "b", "c", "d", "d/x", "d/y")
 
 def workload(seed: int, steps: int, sm: CellStateMachine):
     """Yield encoded commands; reads the results of `sm` (the leader) to pick
-    handles, like a master would."""
+    handles, like a master would. Half the mutating calls are numbered, and
+    now and then an earlier numbered entry comes again (a late duplicate)."""
     rng = random.Random(seed)
+    numbers: dict[int, int] = {}  # session -> last request number
+    numbered: list[bytes] = []
     now = 1_000
     yield encode_command(InitCell(now_ms=now, cell=CELL, admins=("root",), secret=SECRET,
                                   limits={}))
@@ -37,7 +41,8 @@ def workload(seed: int, steps: int, sm: CellStateMachine):
         live = sorted(sm.sessions)
         if roll < 0.08 or not live:
             cmd = CreateSession(now_ms=now, session_id=next_sid,
-                                lease_end_ms=now + rng.choice([2_000, 5_000, 20_000]))
+                                lease_end_ms=now + rng.choice([2_000, 5_000, 20_000]),
+                                nonce=rng.choice([0, next_sid, 1]))
             next_sid += 1
         elif roll < 0.12:
             cmd = ExtendLeases(now_ms=now, leases={rng.choice(live): now + 3_000})
@@ -80,7 +85,13 @@ def workload(seed: int, steps: int, sm: CellStateMachine):
                              change_acl="admin")
             else:
                 cmd = SetSequencer(**base, sequencer=f"chubbyseq1:{CELL}:X:1:1:{p('a')}")
-        yield encode_command(cmd)
+        if type(cmd) in NUMBERED_TYPES and rng.random() < 0.5:
+            n = numbers[cmd.session_id] = numbers.get(cmd.session_id, 0) + 1
+            cmd = dataclasses.replace(cmd, request_no=n, answered_below=rng.randint(max(1, n - 4), n))
+            numbered.append(encode_command(cmd))
+        elif numbered and rng.random() < 0.1:
+            cmd = None
+        yield rng.choice(numbered) if cmd is None else encode_command(cmd)
         value = sm.last_result.result.value
         if hasattr(value, "handle"):
             refs.append((value.handle.session_id, value.handle))
@@ -154,7 +165,7 @@ def test_restore_rejects_inconsistent_state() -> None:
     state = msgpack.unpackb(leader.snapshot(), raw=False)
     assert state[12], "the workload should leave live sessions"
     before = leader.snapshot()
-    bad_leases = dict(state=[*state[:12], [[sid, 0] for sid, _ in state[12]], *state[13:]])
+    bad_leases = dict(state=[*state[:12], [[sid, 0, *rest] for sid, _, *rest in state[12]], *state[13:]])
     no_sessions = dict(state=[*state[:12], [], *state[13:]])
     for case in (bad_leases, no_sessions):
         with pytest.raises(SnapshotError):

@@ -22,7 +22,7 @@ import trio
 
 from ...client.cache_core import ABSENT, DirEntry
 from ...client.events import EventKind
-from ...wire.cell_protocol import Stat
+from ...wire.cell_protocol import NUMBERED_OPS, Stat
 from ..checkers.fencing import FencingError
 
 from .cluster import CELL_ROOT, SIM_BUILT_AT, SIM_LEASE_END
@@ -40,8 +40,10 @@ LOCK_EVENTS = int(EventKind.LOCK_ACQUIRED | EventKind.CONFLICTING_LOCK | EventKi
 WATCH_EVENTS = int(EventKind.CHILD_ADDED | EventKind.CHILD_REMOVED | EventKind.CHILD_MODIFIED)
 # Errors after which the request certainly was not applied: try again.
 _RETRY_CODES = ("retry", "lost")
-# Errors that leave the outcome unknown.
-_UNKNOWN_CODES = ("unavailable", "timeout", "internal")
+# Errors that leave the outcome unknown. (`stale_request` answers a call of
+# ours only if the cell forgot its number, which it does only for a client
+# with too many calls in flight: applied or not, we cannot tell.)
+_UNKNOWN_CODES = ("unavailable", "timeout", "internal", "stale_request")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +53,6 @@ class Reply:
     code: str = ""
     node: int = 0  # the replica that answered
     fields: dict | None = None  # the whole reply (a cacheable read's `cacheable`, `seq`, ... beside `value`)
-    uncertain: bool = False  # an earlier attempt got no answer: it may still be applied later
 
 
 @dataclass
@@ -72,6 +73,9 @@ class ChubbyClient:
         self.endpoint = CLIENT_ENDPOINT_BASE + index
         cluster.links.attach_client(self.endpoint)
         self.rng = cluster.rng.stream(f"chubby-client-{index}")
+        # CreateSession nonces, from a stream of their own: drawing them
+        # shifts no other choice of the client.
+        self.nonces = cluster.rng.stream(f"chubby-client-{index}-nonces")
         self.leader_guess = cluster.node_ids[index % len(cluster.node_ids)]
         self.session: SimSession | None = None
         self.sessions: list[SimSession] = []  # every session this client had, for the event check
@@ -112,8 +116,29 @@ class ChubbyClient:
     async def call(self, op: str, *, mutating: bool, retry_unknown: bool = False, timeout: float | None = None,
                    attempt: float | None = None, **fields: Any) -> Reply:
         """One operation, retried across replicas while that is safe: always
-        for reads, after an unknown outcome only if `retry_unknown` (the op
-        is idempotent), never after the cell gave a definite answer."""
+        for reads and for numbered calls (the cell applies each number once,
+        as for the real client), after an unknown outcome otherwise only if
+        `retry_unknown` (the op is idempotent), never after the cell gave a
+        definite answer."""
+        session = self._numbering_session(op, fields.get("session_id"))
+        if session is None:
+            return await self._attempts(op, mutating, retry_unknown, timeout, attempt, fields)
+        request_no, answered_below = session.requests.begin()
+        try:
+            return await self._attempts(op, mutating, True, timeout, attempt,
+                                        {**fields, "request_no": request_no, "answered_below": answered_below})
+        finally:
+            session.requests.end(request_no)
+
+    def _numbering_session(self, op: str, session_id: Any) -> SimSession | None:
+        """The session whose numbers a call carries (None: not a numbered op,
+        or a session this client no longer has, whose calls the cell refuses)."""
+        if op not in NUMBERED_OPS:
+            return None
+        return next((s for s in reversed(self.sessions) if s.id == session_id), None)
+
+    async def _attempts(self, op: str, mutating: bool, retry_unknown: bool, timeout: float | None,
+                        attempt: float | None, fields: dict) -> Reply:
         cfg = self.cfg
         links = self.cluster.links
         body = {"op": op, **fields}
@@ -129,7 +154,7 @@ class ChubbyClient:
             reply = await links.call(self.endpoint, target, body, min(attempt, remaining))
             code = None if reply is None else reply.get("error")
             if reply is not None and code is None:
-                return Reply("ok", reply.get("value"), node=target, fields=reply, uncertain=uncertain)
+                return Reply("ok", reply.get("value"), node=target, fields=reply)
             if reply is None or code in _UNKNOWN_CODES:
                 if mutating:
                     uncertain = True
@@ -144,7 +169,7 @@ class ChubbyClient:
             if code in _RETRY_CODES:
                 await trio.sleep(0.02)
                 continue
-            return Reply("error", reply, code=code, node=target, uncertain=uncertain)
+            return Reply("error", reply, code=code, node=target)
 
     # ---- sessions ------------------------------------------------------------------------
 
@@ -160,7 +185,10 @@ class ChubbyClient:
         if self.session is not None:
             return True
         sent = trio.current_time()
-        reply = await self.call("create_session", mutating=True)
+        # One nonce for every attempt: a retry gets the session its first
+        # attempt created, rather than a second one that is left to expire.
+        reply = await self.call("create_session", mutating=True, retry_unknown=True,
+                                nonce=self.nonces.getrandbits(64) or 1)
         if reply.kind != "ok":
             return False
         self.lease_ms = reply.value["lease_ms"]
@@ -592,12 +620,11 @@ class ChubbyClient:
         self.holding = None
         roll = self.rng.random()
         if roll < 0.7:
-            reply = await self.call("release", mutating=True, retry_unknown=True, session_id=self.session_id,
-                                    handle=holding.ref)
-            if reply.kind != "ok" or reply.uncertain:
-                # A Release attempt that may still be applied (held at a
-                # master that is taking over) would release a later Acquire
-                # on this handle: never acquire through it again.
+            # Numbered: an attempt held at a master while a retry went
+            # through is never applied later, so the handle may be used to
+            # acquire again (finding 5).
+            reply = await self.call("release", mutating=True, session_id=self.session_id, handle=holding.ref)
+            if reply.kind != "ok":
                 await self._close_handle(holding.ref)
                 self.lock_handles.pop(holding.path, None)
         elif roll < 0.9:

@@ -1,6 +1,7 @@
 """A simulated client's session, built from the real client's pure cores:
 `SessionLeaseCore` (the local lease: safe / jeopardy / expired, grace
-period) and `ClientCache` (the consistent cache), driven the way
+period), `ClientCache` (the consistent cache) and `RequestNumbers` (the
+numbers of its mutating calls), driven the way
 `client/session.py` drives them. KeepAlive replies' items are processed
 (invalidations drop entries, events are recorded) before the next KeepAlive
 acknowledges them; the cache is emptied when the session leaves SAFE.
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...client.cache_core import ClientCache
-from ...client.session_core import DEFAULT_DRIFT_FRACTION, SessionLeaseCore, SessionState, StateChange
+from ...client.session_core import (
+    DEFAULT_DRIFT_FRACTION, RequestNumbers, SessionLeaseCore, SessionState, StateChange,
+)
 from ...wire.cell_protocol import ITEM_INVALIDATE, Stat
 
 UNSAFE_CACHE_MODES = ("", "skip_invalidations", "jeopardy_reads")
@@ -65,6 +68,7 @@ class SimSession:
         # (white-box, from the harness; for the event tail check).
         self.last_reply_built: dict[int, float] = {}
         self.ending = False  # EndSession sent: nothing more from the cache
+        self.requests = RequestNumbers()  # as the real session numbers its mutating calls
 
     @staticmethod
     def _lease_end(sent_at: float, lease_ms: int) -> float:
