@@ -5,10 +5,12 @@ seeds for master bugs the simulation found."""
 from __future__ import annotations
 
 import multiprocessing
+from unittest import mock
 
 import pytest
 import trio
 
+from chubbyfs.cell.session_requests import RequestTable
 from chubbyfs.cell.state_machine import CellStateMachine
 from chubbyfs.sim.checkers.cell_nodes import CellFileModel
 from chubbyfs.sim.checkers.fencing import FencedResource, FencingError
@@ -35,6 +37,13 @@ def _run_seed(seed: int) -> tuple[int, list[str], dict]:
 
 def _run_seed_unfenced(seed: int) -> tuple[int, list[str]]:
     return seed, run_cell_sim(seed, fencing=False).violations
+
+
+def _run_seed_without_dedup(seed: int) -> tuple[int, list[str]]:
+    # The cell ignores request numbers (every attempt is applied, as before
+    # finding 5 was fixed) while the clients still retry numbered calls.
+    with mock.patch.object(RequestTable, "admit", lambda self, request_no, answered_below: None):
+        return seed, run_cell_sim(seed).violations
 
 
 # ---- checkers -------------------------------------------------------------------------
@@ -200,6 +209,18 @@ def test_negative_control_fencing_off_loses_updates() -> None:
     caught = {seed: [v for v in violations if "lost update" in v] for seed, violations in results}
     caught = {seed: v for seed, v in caught.items() if v}
     assert len(caught) >= 3, caught
+
+
+def test_negative_control_without_request_dedup_writes_apply_twice() -> None:
+    """With the cell applying every attempt, a write whose reply was lost is
+    applied again by its retry (a CAS then answers mismatch although it took
+    effect, a late attempt overwrites a later write): WGL rejects the file's
+    history. With request numbers the same seeds are clean (the CI set)."""
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.map(_run_seed_without_dedup, CI_SEEDS[:16])
+    caught = {seed: [v for v in violations if "P8 linearizability" in v] for seed, violations in results}
+    caught = {seed: v for seed, v in caught.items() if v}
+    assert caught, "no seed caught writes applied twice"  # 2 of these 16, 4 of the first 32
 
 
 # ---- scripted scenarios ---------------------------------------------------------------------------
