@@ -35,11 +35,11 @@ def hold_first_proposal(service: CellService, cls: type) -> tuple[trio.Event, li
     gate, held = trio.Event(), []
     propose = service._propose
 
-    async def holding(cmd: Any) -> Any:
+    async def holding(cmd: Any, **options: Any) -> Any:
         if isinstance(cmd, cls) and not held:
             held.append(cmd)
             await gate.wait()
-        return await propose(cmd)
+        return await propose(cmd, **options)
 
     service._propose = holding  # type: ignore[method-assign]
     return gate, held
