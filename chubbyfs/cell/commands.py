@@ -3,7 +3,10 @@
 Every command is a frozen dataclass carrying `now_ms`, stamped by the master,
 so that expiry and lock-delay decide identically on every replica. Commands
 that act for a client also carry the `session_id` and the `principal` the
-master took from the client's authenticated connection.
+master took from the client's authenticated connection. A session's mutating
+commands may carry the client's request numbers (`request_no`,
+`answered_below`), which the state machine uses to apply each at most once
+(see session_requests.py).
 
 Encoding: ``msgpack([COMMAND_VERSION, tag, [field values in declaration
 order]])``. `decode_command` checks the version, the tag, the arity and every

@@ -71,8 +71,9 @@ class RequestTable:
             return
         self.answered_below = answered_below
         self.results = {n: r for n, r in self.results.items() if n >= answered_below}
-        waiting = {h: [n for n in ns if n >= answered_below] for h, ns in self.waiting.items()}
-        self.waiting = {h: ns for h, ns in waiting.items() if ns}
+        if self.waiting:  # rarely: only while a numbered Acquire is queued
+            waiting = {h: [n for n in ns if n >= answered_below] for h, ns in self.waiting.items()}
+            self.waiting = {h: ns for h, ns in waiting.items() if ns}
 
     def woken(self, handle_id: int, outcome: Result) -> None:
         """The queued Acquire of `handle_id` ended: it answers with `outcome`."""
