@@ -9,6 +9,7 @@ schedule without them shows the hazard."""
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from trio.testing import MockClock
 
 from chubbyfs.cell import commands as c
 from chubbyfs.cell.master import CellService
+from tests.cell.test_master_inline import _Answer, _inline
 from tests.client.incell import ROOT, InProcessCell, in_process_cell
 
 READ, WRITE, LOCK = 1, 2, 4
@@ -153,3 +155,38 @@ async def test_malformed_request_numbers_are_refused(mock_clock: MockClock) -> N
         assert reply["error"] == "invalid_argument" and "cannot have been answered" in reply["message"]
         assert (await cell.request("create_session", nonce="x"))["error"] == "bad_request"
         assert cell.service.sm.stat(path) is None
+
+
+async def test_the_inline_path_replays_and_refuses_by_number(mock_clock: MockClock) -> None:
+    """handle_nowait (the replica's path for calls with nothing to wait for)
+    carries the numbers too: a duplicate gets the first answer, a late one
+    below the mark is refused, and a retried queued Acquire is answered by
+    the grant."""
+    async with in_process_cell() as cell:
+        b, call, h = await opened(cell, True, "f", READ | WRITE | LOCK)
+        a = await cell.session()
+        ha = (await cell.ok("open", session_id=a, path=f"{ROOT}/f", intent=READ | WRITE | LOCK))["handle"]
+        write = call(session_id=b, handle=h, contents=b"v1")
+        first = await _taken(cell, "set_contents", **write).get()
+        again = await _taken(cell, "set_contents", **write).get()
+        assert again == first and first["ok"]
+        await _taken(cell, "set_contents", **call(session_id=b, handle=h, contents=b"v2")).get()
+        late = await _taken(cell, "set_contents", **write).get()
+        assert late["error"] == "stale_request"
+        assert (await cell.ok("acquire", session_id=a, handle=ha, mode="exclusive"))["granted"]
+        acquire = call(session_id=b, handle=h, mode="exclusive")
+        queued, retry = _taken(cell, "acquire", **acquire), _taken(cell, "acquire", **acquire)
+        await trio.sleep(0.1)
+        assert not retry.replies and cell.service.sm.nodes[
+            cell.service.sm.by_path[f"{ROOT}/f"]].lock.waiters == deque([(h[0], 1)])
+        await cell.ok("release", session_id=a, handle=ha)
+        granted = await retry.get()
+        assert granted["ok"] and granted["value"]["granted"]
+        # The retry took the first attempt's place; the first is told to retry.
+        assert [r.get("error") for r in queued.replies] == ["retry"]
+
+
+def _taken(cell: InProcessCell, op: str, **fields: Any) -> _Answer:
+    answer = _inline(cell, op, **fields)
+    assert answer is not None, f"{op} was left to the general path"
+    return answer
