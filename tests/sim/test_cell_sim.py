@@ -319,3 +319,13 @@ def test_keep_alive_never_calls_a_live_session_expired(seed: int) -> None:
     stale state (seed 28)."""
     violations = run_cell_sim(seed).violations
     assert not [v for v in violations if FALSE_EXPIRY in v], violations
+
+
+def test_a_retry_refused_by_an_ended_session_leaves_the_write_unknown() -> None:
+    """Seed 5377: a SetContents attempt applied while its reply was late; the
+    retry (same request number) met the session's end and got
+    session_expired. Its record ended with the session, so that answer says
+    nothing of the first attempt: the history must call the write unknown,
+    not failed (it was applied)."""
+    result = run_cell_sim(5377)
+    assert result.ok, result.violations

@@ -44,6 +44,9 @@ _RETRY_CODES = ("retry", "lost")
 # ours only if the cell forgot its number, which it does only for a client
 # with too many calls in flight: applied or not, we cannot tell.)
 _UNKNOWN_CODES = ("unavailable", "timeout", "internal", "stale_request")
+# A refusal a retry can get whatever became of an earlier attempt: the
+# session ended, and its request records with it.
+_RECORD_LOST_CODES = frozenset({"session_expired"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,10 @@ class ChubbyClient:
             if code in _RETRY_CODES:
                 await trio.sleep(0.02)
                 continue
+            if uncertain and code in _RECORD_LOST_CODES:
+                # An earlier attempt may have applied, and its record went
+                # with the session: this answer says nothing of its fate.
+                return Reply("unknown", code=code, node=target)
             return Reply("error", reply, code=code, node=target)
 
     # ---- sessions ------------------------------------------------------------------------
