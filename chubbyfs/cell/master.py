@@ -420,7 +420,7 @@ class CellService:
                 value = _unwrap(applied.result)
             except CellError as exc:
                 reply = _refusal(exc)
-            except BaseException as exc:  # a Raft-layer failure, reported by the replica
+            except Exception as exc:  # a Raft-layer failure, reported by the replica
                 self._forget_wait(cmd, wait)
                 reply_to(None, exc)
                 return
