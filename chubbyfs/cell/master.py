@@ -406,10 +406,7 @@ class CellService:
             # Registered before proposing, as `_acquire` does: the grant may
             # be applied in the same Raft batch as the Acquire itself.
             wait = _InlineWait(reply_to)
-            previous = self._acquire_waiters.pop((cmd.session_id, cmd.handle.handle_id), None)
-            if previous is not None:
-                previous.close()
-            self._acquire_waiters[(cmd.session_id, cmd.handle.handle_id)] = wait
+            self._await_grant((cmd.session_id, cmd.handle.handle_id), wait)
 
         def settled(applied: Any, error: BaseException | None) -> None:
             if mod is not None:
@@ -509,6 +506,15 @@ class CellService:
             kwargs["mode"] = _mode(kwargs["mode"])
         return _OP_CLASSES[op](now_ms=self.clock_ms(), session_id=_int(req, "session_id"),
                                principal=principal, handle=handle, **kwargs)
+
+    def _await_grant(self, key: tuple[int, int], waiter: Any) -> None:
+        """Register who hears a blocked Acquire's outcome (a channel's send
+        side or an `_InlineWait`); a retried Acquire replaces the earlier
+        waiter, which is told to retry."""
+        previous = self._acquire_waiters.pop(key, None)
+        if previous is not None:
+            previous.close()
+        self._acquire_waiters[key] = waiter
 
     def _forget_wait(self, cmd: Any, wait: _InlineWait | None) -> None:
         key = (cmd.session_id, cmd.handle.handle_id)
@@ -634,10 +640,7 @@ class CellService:
         # Registered before proposing: the wakeup may be applied in the same
         # Raft batch as the Acquire itself.
         send, receive = trio.open_memory_channel[LockWakeup](1)
-        previous = self._acquire_waiters.pop(key, None)
-        if previous is not None:
-            previous.close()
-        self._acquire_waiters[key] = send
+        self._await_grant(key, send)
         try:
             # A held lock: the Acquire only queues, so it need not go out
             # alone; it can share a round with the Release that will grant it.
