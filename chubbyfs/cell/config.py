@@ -44,6 +44,8 @@ class CellConfig:
     heartbeat_ms: int = 30
     snapshot_every: int = 10_000
     snapshot_keep_entries: int = 1_000  # kept behind a snapshot so slow followers avoid a full transfer
+    # And only once the log since the last snapshot is this many times its size.
+    snapshot_log_ratio: float = 1.0
     # "chubby": the Chubby namespace; "kv": the bare replicated register that
     # Raft-level tests and benchmarks use.
     state_machine: str = "chubby"
@@ -100,6 +102,11 @@ def load_cell_config(path: str | Path) -> CellConfig:
         raise ConfigError(f"{path}: no [[replica]] entries")
     kwargs: dict = {k: int(cell[k]) for k in ("tick_ms", "election_ms", "heartbeat_ms", "snapshot_every",
                                                 "snapshot_keep_entries", "session_lease_ms") if k in cell}
+    if "snapshot_log_ratio" in cell:
+        ratio = cell["snapshot_log_ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 0:
+            raise ConfigError(f"{path}: [cell] snapshot_log_ratio must be a number >= 0, not {ratio!r}")
+        kwargs["snapshot_log_ratio"] = float(ratio)
     state_machine = cell.get("state_machine", "chubby")
     if state_machine not in ("chubby", "kv"):
         raise ConfigError(f"{path}: [cell] state_machine must be 'chubby' or 'kv', not {state_machine!r}")

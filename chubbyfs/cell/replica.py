@@ -78,6 +78,7 @@ class Replica:
             tick_seconds=cell.tick_ms / 1000,
             snapshot_every=cell.snapshot_every,
             snapshot_keep_entries=cell.snapshot_keep_entries,
+            snapshot_log_ratio=cell.snapshot_log_ratio,
             after_ready=self._write_replies,
         )
         # Client connections with replies waiting to be written.

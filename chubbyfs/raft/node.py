@@ -139,6 +139,7 @@ class RaftNode:
         tick_seconds: float = 0.01,
         snapshot_every: int = 10_000,
         snapshot_keep_entries: int = 1_000,
+        snapshot_log_ratio: float = 1.0,
         inbound_capacity: int = 8_192,
         trace: TraceFn | None = None,
         after_ready: Callable[[], None] | None = None,
@@ -150,6 +151,13 @@ class RaftNode:
         self.tick_seconds = tick_seconds
         self.snapshot_every = snapshot_every
         self.snapshot_keep_entries = snapshot_keep_entries
+        # A snapshot costs time in proportion to the state, compaction saves
+        # in proportion to the log it drops: take one only once the entries
+        # applied since the last one hold at least `snapshot_log_ratio` times
+        # its size (besides `snapshot_every` entries). A large state is then
+        # written in proportion to what changed, not every N entries, and the
+        # log still never holds much more than the state (LogCabin's rule).
+        self.snapshot_log_ratio = snapshot_log_ratio
         self._last_tick_at = 0.0  # set when run() starts
         self._max_tick_burst = 2 * config.election_tick + 2
         self._trace = trace
@@ -167,6 +175,8 @@ class RaftNode:
         # re-applied along with everything else.
         self._applied_conf: ConfState = snap.meta.conf
         self._last_snapshot_index = snap.meta.index
+        self._last_snapshot_bytes = len(snap.data)
+        self._log_bytes_since_snapshot = 0
         self.raw = RawNode(config, storage, rng)
         self.role = Role.FOLLOWER
         self.leader = 0
@@ -486,7 +496,8 @@ class RaftNode:
                 else:
                     self._reads_waiting_apply.append((rs.index, waiter))
         self.raw.advance(rd)
-        if self.applied - self._last_snapshot_index >= self.snapshot_every:
+        if (self.applied - self._last_snapshot_index >= self.snapshot_every
+                and self._log_bytes_since_snapshot >= self.snapshot_log_ratio * self._last_snapshot_bytes):
             self._take_snapshot()
 
     def _note_ack(self, peer: int, index: int) -> None:
@@ -530,6 +541,7 @@ class RaftNode:
         self.commit = max(self.commit, snap.meta.index)
         self._applied_conf = snap.meta.conf
         self._last_snapshot_index = snap.meta.index
+        self._last_snapshot_bytes, self._log_bytes_since_snapshot = len(snap.data), 0
         self.snapshots_restored += 1
         # Proposals at or below the snapshot index were decided elsewhere; we
         # cannot tell which of them survived.
@@ -544,9 +556,11 @@ class RaftNode:
         sm = self.state_machine
         trace = self._trace
         proposals = self._proposals
+        applied_bytes = 0
         for e in rd.committed_entries:
             if e.index <= self.applied:
                 continue  # already covered by a restored snapshot
+            applied_bytes += len(e.data)
             if e.type == EntryType.CONF_CHANGE:
                 cc = decode_conf_change(e.data)
                 self._applied_conf = apply_change(self._applied_conf, cc)
@@ -563,6 +577,7 @@ class RaftNode:
                 else:
                     waiter.resolve(error=ProposalLostError(
                         f"entry {e.index} of term {waiter.term} was replaced by term {e.term}"))
+        self._log_bytes_since_snapshot += applied_bytes
         self.commit = max(self.commit, self.applied)
         self._notify_applied()
 
@@ -585,6 +600,7 @@ class RaftNode:
         if compact_to > self.storage.first_index():
             self.storage.compact(compact_to)
         self._last_snapshot_index = self.applied
+        self._last_snapshot_bytes, self._log_bytes_since_snapshot = len(data), 0
 
     def _register_proposal(self, index: int, waiter: Any) -> None:
         # An older proposal at this index whose entry a later leader replaced

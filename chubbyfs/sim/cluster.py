@@ -56,6 +56,8 @@ class SimConfig:
     heartbeat_ticks: int = 2
     snapshot_every: int = 50
     snapshot_keep_entries: int = 10
+    # By count alone: the simulator wants snapshots often, for coverage.
+    snapshot_log_ratio: float = 0.0
     inbound_capacity: int = 512
     # Bytes of entries per APPEND; a tiny value makes a lagging follower
     # catch up one entry per message (BUGGIFY-style: legal but rare timing).
@@ -142,6 +144,7 @@ class SimNode:
             tick_seconds=cfg.tick_seconds,
             snapshot_every=cfg.snapshot_every,
             snapshot_keep_entries=cfg.snapshot_keep_entries,
+            snapshot_log_ratio=cfg.snapshot_log_ratio,
             inbound_capacity=cfg.inbound_capacity,
             trace=lambda kind, fields: cluster._on_node_trace(self.id, incarnation, kind, fields),
         )
