@@ -197,6 +197,8 @@ class Replica:
         try:
             if op == "status":
                 return {"ok": True, "status": self.status()}
+            if op == "ping":  # answered at once: a client uses it to wake its reading call
+                return {"ok": True}
             if op in ("transfer_leadership", "add_voter", "remove_voter"):
                 return await self._admin(op, request)
             if self.service is not None:

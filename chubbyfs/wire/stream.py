@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 from collections import deque
 from typing import Any
@@ -35,6 +36,7 @@ class FramedStream:
         self._send_lock = trio.Lock()
         self._raw = raw_socket
         self._backlog = bytearray()  # written by send_nowait, not yet taken by the kernel
+        self._poller: select.poll | None = None
 
     @classmethod
     def over_tcp(cls, stream: trio.SocketStream, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT) -> FramedStream:
@@ -62,6 +64,25 @@ class FramedStream:
         """Bytes are waiting for the peer (kept back, or a send in progress):
         a writer that must bound its memory holds further frames itself."""
         return bool(self._backlog) or self._send_lock.locked()
+
+    def peer_closed_nowait(self) -> bool:
+        """Whether the peer has closed the connection (or reset it), as far
+        as the socket already knows; unread frames stay unread. Only for a
+        stream nobody is reading: over TCP one cheap system call; other
+        streams cannot tell and say False."""
+        if self._raw is None:
+            return False
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._raw, select.POLLIN | select.POLLRDHUP)
+        if not self._poller.poll(0):
+            return False  # the common case, without an exception
+        try:
+            return self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
 
     def send_nowait(self, objs: list[Any]) -> bool:
         """Write frames now, as far as the kernel takes them without waiting.
