@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass, field
 
 from . import abi
-from ._frozen import frozen
+from chubbyfs._frozen import frozen
 from .errors import FuseEncodeError
 from .requests import FileLock
 

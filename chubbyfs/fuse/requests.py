@@ -11,7 +11,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from ._frozen import frozen
+from chubbyfs._frozen import frozen
 
 from . import abi
 

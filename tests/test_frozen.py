@@ -1,15 +1,19 @@
-"""`@frozen`: the request and reply classes' cheaper constructor keeps every
-behaviour of `@dataclass(frozen=True, slots=True)`."""
+"""`@frozen`: the cheaper constructor of the FUSE request and reply classes
+and of Raft's entries and messages keeps every behaviour of
+`@dataclass(frozen=True, slots=True)`."""
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import pytest
 
+import chubbyfs._frozen
+from chubbyfs._frozen import frozen
 from chubbyfs.fuse import requests as rq
-from chubbyfs.fuse._frozen import frozen
 from chubbyfs.fuse.replies import Attr, OpenOut
+from tests.purity import impure_imports
 
 
 @frozen
@@ -66,3 +70,7 @@ def test_refuses_what_it_cannot_build() -> None:
 
             def __post_init__(self) -> None:
                 pass
+
+
+def test_pure() -> None:
+    assert not impure_imports(pathlib.Path(chubbyfs._frozen.__file__))
