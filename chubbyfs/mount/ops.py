@@ -1217,7 +1217,9 @@ class ChubbyOperations(Operations):
         kernel's attributes and pages of the node, its entry, and (a
         directory's listing changed) its children's attributes, pages and
         entries, including missing names; awaited before the acknowledgement."""
-        self._forget_path(cell, path, subtree=False)
+        for us in self.pool.all():
+            if us.cell == cell:
+                us.reads.suspect(path)
         parent_path, _, name = path.rpartition("/")
         nodes = self.inodes.by_path(cell, path)
         inodes = list(nodes)

@@ -10,7 +10,12 @@ everything opened through it stays dead (ESTALE).
 (lookups list the parent directory, getattr stats the node), so walking a
 path costs reads served by the master, not Open/Close log writes. A cached
 handle follows its node: if the node was renamed or deleted, the handle is
-dropped and the path opened again. Read-only opens borrow these handles too
+dropped and the path opened again. An invalidation of a path only makes its
+handle suspect: before its next use one GetStat (a read) checks that it is
+still open on the node at that path. Dropping it instead cost a Close and an
+Open (two log writes) per invalidation, and a file written through the
+mount invalidates its directory too: two of the five log writes of every
+write+close. Read-only opens borrow these handles too
 (an open of a cached file then costs no round trip); a borrowed handle is
 closed only once its last borrower gives it back.
 
@@ -68,21 +73,27 @@ class ReadHandles:
         self._handles: OrderedDict[str, Handle] = OrderedDict()
         self._borrowers: dict[int, int] = {}  # handle id -> open files using it
         self._retired: set[int] = set()  # borrowed handles to close at their last give-back
+        self._suspect: set[str] = set()  # paths invalidated since their handle was checked
 
     async def _get(self, path: str) -> Handle:
         handle = self._handles.get(path)
+        while handle is not None and path in self._suspect:
+            await self._check(path, handle)
+            handle = self._handles.get(path)  # the same, or gone, or another task's
         if handle is not None:
             self._handles.move_to_end(path)
             return handle
         handle = await self.session.open(path, read=True, events=self._events)
         if path in self._handles:  # another task opened it meanwhile
             await self._close(handle)
-            return self._handles[path]
+            return await self._get(path)
         self._handles[path] = handle
+        self._suspect.discard(path)
         if self._watch is not None:
             self._watch(handle)
         while len(self._handles) > self.capacity:
-            _, old = self._handles.popitem(last=False)
+            old_path, old = self._handles.popitem(last=False)
+            self._suspect.discard(old_path)
             self._retire(old)
         return handle
 
@@ -100,7 +111,7 @@ class ReadHandles:
     def borrow_cached(self, path: str) -> Handle | None:
         """`borrow`, if a handle on `path` is at hand (no waiting); else None."""
         handle = self._handles.get(path)
-        if handle is None:
+        if handle is None or path in self._suspect:
             return None
         self._handles.move_to_end(path)
         return self._lend(handle)
@@ -126,6 +137,7 @@ class ReadHandles:
         assert all(count > 0 for count in self._borrowers.values())
         assert self._retired <= set(self._borrowers), "a retired handle nobody borrows was not closed"
         assert all(h.path == path for path, h in self._handles.items())
+        assert self._suspect <= set(self._handles), "a suspect path without a cached handle"
 
     async def _close(self, handle: Handle) -> None:
         with trio.CancelScope(shield=True):
@@ -138,7 +150,29 @@ class ReadHandles:
         """Forget cached handles on `path` (and below), closing them in the background."""
         doomed = [p for p in self._handles if p == path or (subtree and p.startswith(path + "/"))]
         for p in doomed:
+            self._suspect.discard(p)
             self._retire(self._handles.pop(p))
+
+    def suspect(self, path: str) -> None:
+        """The master invalidated `path`: its node may be gone (deleted,
+        renamed, replaced), so check the handle before its next use."""
+        if path in self._handles:
+            self._suspect.add(path)
+
+    async def _check(self, path: str, handle: Handle) -> None:
+        """Keep a suspect handle if it is still open on the node at `path`."""
+        try:
+            stat: Stat | None = await handle.get_stat()
+        except CellError as exc:
+            if exc.code not in _RETRY_CODES:
+                raise
+            stat = None
+        if self._handles.get(path) is not handle:
+            return  # replaced or dropped meanwhile
+        if stat is None or stat.path != path:
+            self._forget(path, handle)
+        else:
+            self._suspect.discard(path)
 
     async def _with_retry(self, path: str, op: Any) -> Any:
         for attempt in (0, 1):
@@ -159,6 +193,7 @@ class ReadHandles:
     def _forget(self, path: str, handle: Handle) -> None:
         if self._handles.get(path) is handle:
             del self._handles[path]
+            self._suspect.discard(path)
         self._retire(handle)
 
     def _release_if_ephemeral(self, path: str, handle: Handle, stat: Stat) -> None:
