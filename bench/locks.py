@@ -408,10 +408,11 @@ def run_plan(system: str, args: argparse.Namespace, connect: dict, server_pids: 
              profile_pid: int | None = None) -> list[Point]:
     points = []
     for workload, n in workload_plan(args):
-        profile = None
+        profile: Callable[[], Callable[[], None]] | None = None
         if profile_pid is not None and args.py_spy:
-            def profile(name: str = f"{system}-{workload}-{n}") -> Callable[[], None]:
+            def start(name: str = f"{system}-{workload}-{n}") -> Callable[[], None]:
                 return start_profiler(args, profile_pid, f"{name}-{len(args.profiles)}")
+            profile = start
         point = run_point(system, workload, connect, server_pids, n, args.duration, profile)
         extra = (f"gap p50 {point.gap_p50_ms:.2f} ms, exclusion violations {point.exclusion_violations}, "
                  f"same-holder re-grants {point.same_holder_regrants}"

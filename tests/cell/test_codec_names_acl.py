@@ -14,7 +14,7 @@ from chubbyfs.cell.commands import (
     InitCell, MalformedCommand, Open, ReadDir, Release, Rename, SetACL, SetContents,
     SetSequencer, Tick, TryAcquire, decode_command, encode_command,
 )
-from chubbyfs.cell.handles import HandleRef, Intent, make_ref, ref_is_authentic
+from chubbyfs.cell.handles import Intent, make_ref, ref_is_authentic
 from chubbyfs.locks import LockMode
 
 REF = make_ref(b"k" * 32, 3, 4, 5, 6, int(Intent.READ))

@@ -9,7 +9,7 @@ import pytest
 from chubbyfs.cell.commands import (
     Acquire, CheckSequencer, Close, ContentsResult, CreateMode, CreateSession, Delete,
     EndSession, ErrorCode, EventKind, ExtendLeases, GetContentsAndStat, GetSequencer, GetStat,
-    InitCell, Open, ReadDir, Rename, SetACL, SetContents, Tick, encode_command,
+    InitCell, ReadDir, Rename, SetACL, SetContents, Tick, encode_command,
 )
 from chubbyfs.cell.handles import Intent
 from chubbyfs.cell.state_machine import CellStateMachine, checksum64

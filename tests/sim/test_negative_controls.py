@@ -64,7 +64,6 @@ async def _figure8(cluster: SimCluster) -> None:
     then wins and overwrites e. Correct Raft never commits e in between; the
     unsafe build does, so a replica applies e and the checkers see it
     replaced."""
-    ids = cluster.node_ids
     leader = await cluster.wait_for_leader(3.0)
     assert leader is not None
     if leader != 1:
