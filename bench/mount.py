@@ -145,9 +145,10 @@ def pin(pid: int, cpus: set[int]) -> None:
             pass  # a thread that ended meanwhile
 
 
-def start_mount(mnt: Path, cells: Path, logfile: Path) -> subprocess.Popen:
+def start_mount(mnt: Path, cells: Path, logfile: Path, extra: list[str] | None = None) -> subprocess.Popen:
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "chubbyfs", "mount", str(mnt), "--cells", str(cells)],
+    proc = subprocess.Popen([sys.executable, "-m", "chubbyfs", "mount", str(mnt), "--cells", str(cells),
+                             *(extra or [])],
                             cwd=HERE.parent, stdin=subprocess.DEVNULL, stdout=open(logfile, "ab"),
                             stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
@@ -261,7 +262,8 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path) -> list[Row]:
         log(f"chubbyfs: 3 replicas up, master {leader}")
         for name in ("m1", "m2"):
             mnt = workdir / name
-            mounts.append((start_mount(mnt, cell.cells_path, workdir / f"{name}.log"), mnt))
+            extra = [] if args.busy_poll_us is None else ["--busy-poll-us", str(args.busy_poll_us)]
+            mounts.append((start_mount(mnt, cell.cells_path, workdir / f"{name}.log", extra), mnt))
         daemons = [proc.pid for proc, _ in mounts]
         cell_pids = [p.pid for p in cell.procs.values()]
         root1, root2 = mounts[0][1] / CELL, mounts[1][1] / CELL
@@ -356,6 +358,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--skip-zk", action="store_true", help="no ZooKeeper comparison")
     ap.add_argument("--json", nargs="?", const="-", metavar="FILE", help="also write JSON (stdout if no FILE)")
     ap.add_argument("--py-spy", metavar="DIR", help="profile the master during the hand-off point")
+    ap.add_argument("--busy-poll-us", type=int, metavar="US",
+                    help="the mount daemons' --busy-poll-us (default: theirs)")
     args = ap.parse_args(argv)
     args.writers = [int(x) for x in args.writers.split(",") if x]
     args.points = {x for x in args.points.split(",") if x}

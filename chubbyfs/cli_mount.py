@@ -31,7 +31,9 @@ _GENERIC_OPTIONS = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users
                     "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime",
                     "strictatime", "async", "sync"}
 _VALUE_OPTIONS = {"cells": "cells", "attr_timeout": "attr_timeout", "entry_timeout": "entry_timeout",
-                  "call_timeout": "call_timeout", "max_file_bytes": "max_file_bytes", "log": "log_file"}
+                  "call_timeout": "call_timeout", "max_file_bytes": "max_file_bytes", "log": "log_file",
+                  "busy_poll_us": "busy_poll_us"}
+_INT_OPTIONS = {"max_file_bytes", "busy_poll_us"}
 
 
 def apply_mount_options(args: argparse.Namespace, text: str) -> None:
@@ -48,7 +50,7 @@ def apply_mount_options(args: argparse.Namespace, text: str) -> None:
             dest = _VALUE_OPTIONS[key]
             try:
                 setattr(args, dest, value if dest in ("cells", "log_file") else
-                        int(value) if dest == "max_file_bytes" else float(value))
+                        int(value) if dest in _INT_OPTIONS else float(value))
             except ValueError:
                 raise ConfigError(f"mount option {key}= needs a number, got {value!r}") from None
         elif item == "ro":
@@ -92,7 +94,7 @@ async def serve_mount(args: argparse.Namespace, cells: dict[str, list[str]],
     # O_TRUNC must reach open() so that truncation and new contents are one
     # commit; without it the kernel truncates through a separate setattr.
     fuse_config = FuseConfig(want=int(DEFAULT_WANT | InitFlag.ATOMIC_O_TRUNC),
-                             require=int(InitFlag.ATOMIC_O_TRUNC))
+                             require=int(InitFlag.ATOMIC_O_TRUNC), busy_poll_us=args.busy_poll_us)
     async with trio.open_nursery() as nursery:
         pool = SessionPool(nursery, cells, call_timeout_s=args.call_timeout)
         ops = ChubbyOperations(pool, config)
@@ -126,6 +128,8 @@ async def serve_mount(args: argparse.Namespace, cells: dict[str, list[str]],
 def cmd_mount(args: argparse.Namespace) -> int:
     if args.options:
         apply_mount_options(args, args.options)
+    if not 0 <= args.busy_poll_us <= 10_000:
+        raise ConfigError(f"--busy-poll-us must be between 0 and 10000, not {args.busy_poll_us}")
     cells = load_cells_file(args.cells or _default_cells_file())
     if not cells:
         raise ConfigError("the cells file names no cells")
@@ -219,10 +223,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="a call fails with EIO when no master answers within S seconds")
     m.add_argument("--max-file-bytes", type=int, default=256 * 1024, metavar="N",
                    help="largest file written through the mount (the cell's limit)")
+    m.add_argument("--busy-poll-us", type=int, default=50, metavar="US",
+                   help="after answering, poll for the next request this long before sleeping "
+                        "(0: never; never when the daemon may use one CPU only)")
     m.add_argument("--log-file", help="log here instead of stderr/syslog")
     m.add_argument("-o", dest="options", metavar="OPTS",
                    help="mount(8)-style options: cells=,allow_other,attr_timeout=,entry_timeout=,"
-                        "call_timeout=,max_file_bytes=,log=")
+                        "call_timeout=,max_file_bytes=,busy_poll_us=,log=")
     m.set_defaults(func=cmd_mount)
     u = sub.add_parser("umount", help="unmount (lazily if busy)")
     u.add_argument("mountpoint", nargs="?", default="/ls")

@@ -21,6 +21,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +67,8 @@ class SessionStats:
     notifications_sent: int
     notifications_unknown: int  # kernel had no such inode/entry (ENOENT)
     stale_replies: int  # kernel no longer waited for the request (ENOENT)
+    busy_polls: int  # polls for a next request before sleeping
+    busy_poll_hits: int  # of which found one
 
 
 def _expect(value: Any, cls: type, method: str) -> Any:
@@ -126,6 +130,7 @@ class FuseSession:
         # filled once INIT is agreed (before that every request gets EIO).
         self._now_opcodes: dict[int, str] = {}
         self._config = config or FuseConfig()
+        self._device_poller: select.poll | None = None
         self._table: InflightTable[trio.CancelScope] = InflightTable(
             self._config.interrupt_memory_s)
         self._negotiated: Negotiated | None = None
@@ -143,7 +148,7 @@ class FuseSession:
         self._requests = self._replies = 0
         self._counts = dict.fromkeys(
             ("error_replies", "decode_errors", "handler_crashes", "interrupts_received",
-             "notifications_sent", "notifications_unknown", "stale_replies"), 0)
+             "notifications_sent", "notifications_unknown", "stale_replies", "busy_polls", "busy_poll_hits"), 0)
 
     # ------------------------------------------------------------------ public
 
@@ -173,7 +178,8 @@ class FuseSession:
             interrupts_delivered=t.interrupts_delivered, in_flight=t.in_flight,
             notifications_sent=c["notifications_sent"],
             notifications_unknown=c["notifications_unknown"],
-            stale_replies=c["stale_replies"],
+            stale_replies=c["stale_replies"], busy_polls=c["busy_polls"],
+            busy_poll_hits=c["busy_poll_hits"],
         )
 
     def effective_want(self) -> int:
@@ -322,12 +328,14 @@ class FuseSession:
         buffer = bytearray(self._config.read_buffer_size)
         view = memoryview(buffer)
         since_checkpoint = 0
+        busy_poll_s = self._config.busy_poll_us / 1e6
         while True:
             try:
                 size = os.readv(self._fd, (buffer,))
             except BlockingIOError:
-                since_checkpoint = 0
-                await trio.lowlevel.wait_readable(self._fd)
+                if not (since_checkpoint and busy_poll_s and self._poll_device(busy_poll_s)):
+                    since_checkpoint = 0
+                    await trio.lowlevel.wait_readable(self._fd)
                 continue
             except InterruptedError:
                 continue
@@ -349,6 +357,27 @@ class FuseSession:
                 # A busy kernel would otherwise starve woken lock waiters.
                 since_checkpoint = 0
                 await trio.lowlevel.checkpoint()
+
+    def _poll_device(self, for_s: float) -> bool:
+        """Whether a request arrives within `for_s` (a busy poll: the loop
+        has just answered one, and another often follows within
+        microseconds). Not while other tasks are ready to run (they would
+        wait for it: a request being answered by its task, say), nor when
+        this thread may run on one CPU only (the poll would hold the CPU
+        the request's sender needs)."""
+        if trio.lowlevel.current_statistics().tasks_runnable or len(os.sched_getaffinity(0)) < 2:
+            return False
+        poller = self._device_poller
+        if poller is None:
+            poller = self._device_poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+        self._counts["busy_polls"] += 1
+        end = time.perf_counter() + for_s
+        while time.perf_counter() < end:
+            if poller.poll(0):
+                self._counts["busy_poll_hits"] += 1
+                return True
+        return False
 
     def _dispatch(self, buf: bytes | memoryview, nursery: trio.Nursery) -> None:
         self._requests += 1

@@ -6,6 +6,7 @@ tested without root or a mount."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -345,3 +346,59 @@ def test_effective_want_follows_what_ops_implement() -> None:
     assert want & F.DO_READDIRPLUS and not want & (F.FLOCK_LOCKS | F.POSIX_LOCKS)
     required = FuseSession(-1, NoLocks(), FuseConfig(require=int(F.FLOCK_LOCKS)))
     assert required.effective_want() & F.FLOCK_LOCKS
+
+
+def _kernel_in_a_thread(sock: socket.socket, opens: int) -> list[tuple[int, int]]:
+    """A blocking kernel outside the trio loop (as the real one is): each
+    OPEN sent as soon as the previous one was answered."""
+    got = []
+    open_in = struct.pack("<II", 0, 0)
+    for i in range(opens):
+        sock.send(request(14, open_in, unique=100 + 2 * i, nodeid=2))
+        error, unique, _ = parse_reply(sock.recv(1 << 20))
+        got.append((error, unique))
+    return got
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the busy poll needs a second CPU")
+async def test_busy_poll_finds_the_next_request_without_sleeping() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # A long poll window, so that the thread's next request falls inside it.
+    session = FuseSession(ours.fileno(), Quick(), FuseConfig(busy_poll_us=5_000))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session.serve)
+            kernel = Kernel(trio.socket.from_stdlib_socket(theirs.dup()))
+            await kernel.send(request(26, init_body(flags=ALL_FLAGS), unique=2, nodeid=0))
+            assert (await kernel.recv())[:2] == (0, 2)
+            theirs.setblocking(True)  # from here on only the thread uses it
+            got = await trio.to_thread.run_sync(_kernel_in_a_thread, theirs, 50)
+            assert got == [(0, 100 + 2 * i) for i in range(50)]
+            assert session.statistics().busy_poll_hits > 0
+            nursery.cancel_scope.cancel()
+    finally:
+        theirs.close()
+        ours.close()
+
+
+async def test_no_busy_poll_while_a_task_waits_to_run() -> None:
+    # Requests answered by their tasks: the loop must not poll while such a
+    # task is ready, or each answer would wait out the poll window.
+    ops = Quick()
+    async with fake_mount(ops, FuseConfig(busy_poll_us=10_000)) as (kernel, session):
+        open_in = struct.pack("<II", 0, 0)
+        with trio.fail_after(5):
+            for i in range(20):
+                assert (await kernel.call(14, open_in, unique=4 + 2 * i, nodeid=5))[:2] == (0, 4 + 2 * i)
+        assert ops.handled == [5] * 20
+        # (The fake kernel runs in the loop's own thread: a poll could never
+        # find its next request, only delay it.)
+        assert session.statistics().busy_polls == 0
+
+
+def test_busy_poll_bounds() -> None:
+    with pytest.raises(ValueError):
+        FuseConfig(busy_poll_us=-1)
+    with pytest.raises(ValueError):
+        FuseConfig(busy_poll_us=10_001)
+    assert FuseConfig(busy_poll_us=0).busy_poll_us == 0
