@@ -37,5 +37,7 @@ async def test_a_redirect_does_not_fail_the_other_calls_in_flight(make_cell):
         failures = {i: r for i, r in results.items() if isinstance(r, Exception)}
         assert not failures, failures
         assert conn.master_address == cell.addresses[leader]
+        # The no-op a client's deadline watchdog sends to wake a reading call.
+        assert (await conn.call("ping"))["ok"] is True
         await conn.aclose()
         nursery.cancel_scope.cancel()
