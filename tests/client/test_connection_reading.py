@@ -26,6 +26,7 @@ class ScriptedReplica:
         self.held: list[tuple[FramedStream, dict]] = []
         self.port = 0
         self.open: set[FramedStream] = set()
+        self.current: FramedStream | None = None  # the connection of the request being answered
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -43,10 +44,11 @@ class ScriptedReplica:
             while True:
                 request = await framed.receive()
                 self.requests.append(request)
+                self.current = framed
                 reply = self.answer(request)
                 if reply is None:
                     self.held.append((framed, request))
-                else:
+                elif reply != "later":  # the test answers it itself
                     await framed.send({**reply, "id": request["id"]})
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
@@ -200,3 +202,55 @@ async def test_a_link_the_replica_closed_while_idle_is_not_sent_into() -> None:
             assert (await conn.call("two", idempotent=False))["op"] == "two"
             assert replica.connections == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_many_calls_with_random_delays_and_deadlines_each_get_their_own_outcome() -> None:
+    # 300 calls, up to 40 at a time on one connection, answered after a
+    # random delay (some after their deadline): every call ends with its
+    # own reply or a timeout, none hangs, none gets another call's reply.
+    import random
+
+    rng = random.Random(7)
+    replica = ScriptedReplica(_hold())
+
+    async def late_answers(framed: FramedStream, request: dict) -> None:
+        await trio.sleep(rng.uniform(0, 0.06))
+        try:
+            await framed.send({"ok": True, "op": request["op"], "id": request["id"]})
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client dropped that connection meanwhile
+
+    outcomes: dict[str, str] = {}
+    async with trio.open_nursery() as nursery:
+        def answer(request: dict) -> Any:
+            if request["op"] == "ping":
+                return {"ok": True}
+            assert replica.current is not None
+            nursery.start_soon(late_answers, replica.current, request)
+            return "later"
+
+        replica.answer = answer
+        replica.held = []
+        await nursery.start(replica.serve)
+        async with open_cell_connection([f"127.0.0.1:{replica.port}"], cell="t") as conn:
+            limit = trio.Semaphore(40)
+
+            async def call(i: int) -> None:
+                async with limit:
+                    try:
+                        reply = await conn.call(f"op{i}", timeout_s=rng.uniform(0.01, 0.1))
+                    except CellUnavailableError:
+                        outcomes[f"op{i}"] = "timeout"
+                    else:
+                        outcomes[f"op{i}"] = "ok" if reply["op"] == f"op{i}" else f"wrong: {reply}"
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as calls:
+                    for i in range(300):
+                        calls.start_soon(call, i)
+                        await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+    assert len(outcomes) == 300
+    assert not [o for o in outcomes.values() if o.startswith("wrong")]
+    counts = {kind: sum(1 for o in outcomes.values() if o == kind) for kind in ("ok", "timeout")}
+    assert counts["ok"] > 0 and counts["timeout"] > 0, counts
