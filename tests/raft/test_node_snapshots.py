@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import trio
 
+from chubbyfs.cell.config import ConfigError, load_cell_config, write_cell_config
 from chubbyfs.raft import Config, Entry, MemoryStorage, Message, MessageType
 from chubbyfs.raft.node import RaftNode, bootstrap_storage
 
@@ -85,3 +87,17 @@ async def test_a_small_state_still_waits_for_the_count() -> None:
 async def test_the_ratio_scales_the_bytes_needed() -> None:
     taken = await _snapshot_indexes(entry_bytes=100, snapshot_bytes=1_000, entries=60, every=5, ratio=2.0)
     assert taken == [5, 25, 45]
+
+
+def test_the_cell_config_carries_the_ratio(tmp_path) -> None:
+    replicas = [(1, "127.0.0.1:7001", "1")]
+    path = tmp_path / "cell.toml"
+    write_cell_config(path, "c", replicas)
+    assert load_cell_config(path).snapshot_log_ratio == 1.0
+    write_cell_config(path, "c", replicas, snapshot_log_ratio=0.5)
+    assert load_cell_config(path).snapshot_log_ratio == 0.5
+    for bad in ("-1", '"x"', "true"):
+        path.write_text(path.read_text().replace("snapshot_log_ratio = 0.5", f"snapshot_log_ratio = {bad}"))
+        with pytest.raises(ConfigError, match="snapshot_log_ratio"):
+            load_cell_config(path)
+        write_cell_config(path, "c", replicas, snapshot_log_ratio=0.5)
