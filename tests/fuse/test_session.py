@@ -360,11 +360,19 @@ def _kernel_in_a_thread(sock: socket.socket, opens: int) -> list[tuple[int, int]
     return got
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the busy poll needs a second CPU")
-async def test_busy_poll_finds_the_next_request_without_sleeping() -> None:
+@pytest.mark.parametrize("one_cpu", [False, True])
+async def test_busy_poll_finds_the_next_request_unless_on_one_cpu(one_cpu: bool) -> None:
+    # The kernel is a thread sending each OPEN as soon as the previous one
+    # is answered. With a second CPU the loop finds most of them by polling;
+    # pinned to one CPU (or on a one-CPU machine) it never polls, since the
+    # poll would hold the CPU the sender needs.
+    cpus = os.sched_getaffinity(0)
+    expect_polls = not one_cpu and len(cpus) > 1
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     # A long poll window, so that the thread's next request falls inside it.
     session = FuseSession(ours.fileno(), Quick(), FuseConfig(busy_poll_us=5_000))
+    if one_cpu:
+        os.sched_setaffinity(0, {min(cpus)})  # this thread: the session's loop
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(session.serve)
@@ -374,9 +382,14 @@ async def test_busy_poll_finds_the_next_request_without_sleeping() -> None:
             theirs.setblocking(True)  # from here on only the thread uses it
             got = await trio.to_thread.run_sync(_kernel_in_a_thread, theirs, 50)
             assert got == [(0, 100 + 2 * i) for i in range(50)]
-            assert session.statistics().busy_poll_hits > 0
+            stats = session.statistics()
+            if expect_polls:
+                assert stats.busy_poll_hits > 0
+            else:
+                assert stats.busy_polls == 0
             nursery.cancel_scope.cancel()
     finally:
+        os.sched_setaffinity(0, cpus)
         theirs.close()
         ours.close()
 
