@@ -3,6 +3,7 @@
     .venv/bin/python bench/raft.py [--duration 10] [--clients 1,8,64] [--trials 5]
                                    [--skip-etcd] [--skip-chubbyfs] [--json [FILE]]
                                    [--rounds 1] [--clients-per-proc 16] [--py-spy DIR]
+                                   [--py-spy-replica leader|follower]
 
 For each system, a 3-replica cell on 127.0.0.1 with fsync on (both systems'
 defaults): N concurrent clients each doing sequential puts of a 100-byte value
@@ -275,7 +276,8 @@ def bench_chubbyfs(args: argparse.Namespace, workdir: Path, run_id: str, trials:
         spec = {"addresses": addresses, "cell": cell.name}
         for n in args.clients:
             pids = [p.pid for p in cell.procs.values()]
-            profiler = start_profiler(args, cell.procs[leader].pid, workdir, f"chubbyfs-c{n}")
+            profiled = leader if args.py_spy_replica == "leader" else min(r for r in cell.procs if r != leader)
+            profiler = start_profiler(args, cell.procs[profiled].pid, workdir, f"chubbyfs-{args.py_spy_replica}-c{n}")
             point = run_point("chubbyfs", spec, pids, cell.procs[leader].pid, n, args.duration,
                               args.clients_per_proc, run_id)
             if profiler is not None:
@@ -429,7 +431,8 @@ def merge_rounds(rounds: list[dict]) -> dict:
 # ---- profiling (investigation only) ---------------------------------------------------------
 
 def start_profiler(args: argparse.Namespace, pid: int, workdir: Path, name: str) -> tuple | None:
-    """With --py-spy, sample the leader replica during one point while it holds the GIL
+    """With --py-spy, sample a replica (the leader, or with --py-spy-replica
+    follower a follower) during one point while it holds the GIL
     (Python CPU time; waits in epoll and fdatasync release the GIL and are left out).
     py-spy must be on PATH."""
     if not args.py_spy:
@@ -577,6 +580,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="at most this many clients per worker process (default 16)")
     ap.add_argument("--py-spy", metavar="DIR", help="record the chubbyfs leader with py-spy into DIR "
                     "(py-spy must be on PATH) and print its top functions")
+    ap.add_argument("--py-spy-replica", choices=("leader", "follower"), default="leader",
+                    help="which replica --py-spy records (default: the leader)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
