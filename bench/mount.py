@@ -181,11 +181,16 @@ def read_rows(args: argparse.Namespace, cached: Path, tmpfs_file: Path, daemon: 
         for name, path in (("tmpfs", tmpfs_file), ("chubbyfs mount", cached)):
             if pinned:
                 pin(daemon.pid, {cpu})
+            profile = None
+            if args.py_spy and name != "tmpfs":
+                profile = locks.start_profiler(args, daemon.pid, f"mount-read-{label.replace(' ', '-')}-daemon")
             try:
                 results, cpu_used = measure([{"workload": "read", "path": str(path), "cpu": cpu}],
                                                 args.duration, [daemon.pid], cell_pids)
             finally:
                 pin(daemon.pid, all_cpus)
+                if profile is not None:
+                    profile()
             done = results[0]["iterations"]
             rate = done / results[0]["elapsed_s"]
             rows.append(Row("read", f"{name}, {label}", 1, rate,
@@ -344,7 +349,8 @@ def format_table(rows: list[Row], args: argparse.Namespace) -> str:
                          f"{_num(r.daemon_cpu_ms_per_op, 2):>12} {_num(r.cell_cpu_ms_per_op, 2):>11}")
     lines += ["", "cpu columns: CPU time per operation of both mount daemons / of the three replicas."]
     for out in args.profiles:
-        lines += ["", f"py-spy of the master during the mount hand-off ({out}), top functions (self %, incl %):"]
+        what = "mount daemon 1 during the cached read" if "daemon" in out else "master during the mount hand-off"
+        lines += ["", f"py-spy of the {what} ({out}), top functions (self %, incl %):"]
         lines += [f"  {s:5.1f} {i:5.1f}  {f}" for f, s, i in top_functions(Path(out), 12)]
     return "\n".join(lines)
 
@@ -357,7 +363,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="which points to run (default read,handoff,write; ZooKeeper only with handoff)")
     ap.add_argument("--skip-zk", action="store_true", help="no ZooKeeper comparison")
     ap.add_argument("--json", nargs="?", const="-", metavar="FILE", help="also write JSON (stdout if no FILE)")
-    ap.add_argument("--py-spy", metavar="DIR", help="profile the master during the hand-off point")
+    ap.add_argument("--py-spy", metavar="DIR",
+                    help="profile the master during the hand-off point and daemon 1 during the read points")
     ap.add_argument("--busy-poll-us", type=int, metavar="US",
                     help="the mount daemons' --busy-poll-us (default: theirs)")
     args = ap.parse_args(argv)
