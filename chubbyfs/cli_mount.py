@@ -128,8 +128,10 @@ async def serve_mount(args: argparse.Namespace, cells: dict[str, list[str]],
 def cmd_mount(args: argparse.Namespace) -> int:
     if args.options:
         apply_mount_options(args, args.options)
-    if not 0 <= args.busy_poll_us <= 10_000:
-        raise ConfigError(f"--busy-poll-us must be between 0 and 10000, not {args.busy_poll_us}")
+    from chubbyfs.fuse.negotiate import MAX_BUSY_POLL_US
+
+    if not 0 <= args.busy_poll_us <= MAX_BUSY_POLL_US:
+        raise ConfigError(f"--busy-poll-us must be between 0 and {MAX_BUSY_POLL_US}, not {args.busy_poll_us}")
     cells = load_cells_file(args.cells or _default_cells_file())
     if not cells:
         raise ConfigError("the cells file names no cells")

@@ -243,9 +243,7 @@ class CellConnection:
                 if slot is not None:
                     slot.put(reply)
         except (OSError, EOFError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError):
-            link.lost()
-            if self._link is link:
-                self._link = None
+            self._close_link(link)
         finally:
             link.reader = None
             for slot in link.pending.values():
@@ -273,15 +271,19 @@ class CellConnection:
             now = trio.current_time()
             soonest = math.inf
             for slot, link in list(self._watched.items()):
-                if not slot.answered:
-                    if slot.deadline > now:
-                        soonest = min(soonest, slot.deadline)
-                        continue
-                    slot.put(_TIMED_OUT)
-                    if link.reader is slot and link.others_waiting(slot) and link.alive:
-                        if not link.framed.send_nowait([{"op": "ping", "id": next(self._ids)}]):
-                            self._close_link(link)  # congested as well as unanswered
-                if link.reader is not None and link.reader.answered and not link.others_waiting(link.reader):
+                if slot.answered:
+                    continue
+                if slot.deadline > now:
+                    soonest = min(soonest, slot.deadline)
+                    continue
+                slot.put(_TIMED_OUT)
+                if link.reader is slot and link.others_waiting(slot) and link.alive:
+                    if not link.framed.send_nowait([{"op": "ping", "id": next(self._ids)}]):
+                        self._close_link(link)  # congested as well as unanswered
+            # A reader that timed out with nobody else waiting: only closing wakes it.
+            for link in set(self._watched.values()):
+                reader = link.reader
+                if reader is not None and reader.answered and not link.others_waiting(reader):
                     self._close_link(link)
             with trio.CancelScope(deadline=soonest) as scope:
                 self._watchdog_scope, self._watchdog_until = scope, soonest

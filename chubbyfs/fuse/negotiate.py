@@ -38,6 +38,9 @@ UNSUPPORTED = (
 )
 
 
+MAX_BUSY_POLL_US = 10_000  # beyond that a poll holds up the loop's other work for too long
+
+
 class NegotiationError(Exception):
     """The kernel cannot give us a protocol we can serve."""
 
@@ -77,8 +80,8 @@ class FuseConfig:
             raise ValueError("required flags must also be wanted")
         if self.interrupt_memory_s <= 0 or self.checkpoint_every <= 0:
             raise ValueError("interrupt_memory_s and checkpoint_every must be positive")
-        if not 0 <= self.busy_poll_us <= 10_000:
-            raise ValueError("busy_poll_us must be between 0 and 10000")
+        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
+            raise ValueError(f"busy_poll_us must be between 0 and {MAX_BUSY_POLL_US}")
 
     @property
     def read_buffer_size(self) -> int:

@@ -40,7 +40,13 @@ def test_mount_helper_daemon_and_umount(cell, tmp_path: pathlib.Path) -> None:
     bad = subprocess.run([str(helper), "none", str(mnt), "-o", f"cells={c.cells_path},bogus"], env=env,
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0 and "unknown mount option 'bogus'" in bad.stderr
-    out = subprocess.run([str(helper), "none", str(mnt), "-o", f"rw,_netdev,cells={c.cells_path},allow_other"],
+    for option, message in (("busy_poll_us=x", "needs a number"), ("busy_poll_us=20000", "between 0 and 10000")):
+        bad = subprocess.run([str(helper), "none", str(mnt), "-o", f"cells={c.cells_path},{option}"], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr
+        assert not is_mounted(mnt)
+    out = subprocess.run([str(helper), "none", str(mnt), "-o",
+                          f"rw,_netdev,cells={c.cells_path},allow_other,busy_poll_us=0"],
                          env=env, capture_output=True, text=True, timeout=30)
     try:
         assert out.returncode == 0, out.stderr
