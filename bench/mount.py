@@ -10,8 +10,10 @@ temporary directory and are stopped by PID (and unmounted) at the end.
 
 - read: one client process loops `os.stat` + `os.open` + `os.read(4096)` +
   `os.close` on a cached 100-byte file through mount 1, and on the same file
-  in tmpfs (/dev/shm); unpinned, and with the client and the daemon pinned
-  to one CPU (the way the FUSE feasibility probe was measured).
+  in tmpfs (/dev/shm), alternating between the two every 100 iterations
+  (both see the same moments of a drifting VM); unpinned, and with the
+  client and the daemon pinned to one CPU (the way the FUSE feasibility
+  probe was measured).
 - hand-off: two contender processes, one per mount, loop `flock(LOCK_EX)` ->
   `flock(LOCK_UN)` on one file (each hand-off is a Release and an Acquire
   through the cell's log). Beside it, in the same run: the same two
@@ -61,17 +63,33 @@ def log(message: str) -> None:
 # The protocol of bench/locks.py: a spec line on stdin, "ready", a window line
 # {t0, t1}, then one JSON line of results on stdout.
 
-def _read_loop(path: str, t0: float, t1: float) -> dict:
+READ_GROUP = 1000  # iterations per timed group of the read loop
+
+
+def _read_loop(paths: list[str], t0: float, t1: float) -> dict:
+    """Groups of READ_GROUP iterations on each path in turn, each timed: the
+    paths share every moment of the window, so the VM's drift (a bare
+    syscall loop here moves between 180,000 and 330,000/s from one quarter
+    second to the next) falls on both alike. Returns the groups done and,
+    per path, the seconds they took, in all and per second of the window."""
     time.sleep(max(0.0, t0 - time.monotonic()))
-    done = 0
-    while time.monotonic() < t1:
-        for _ in range(50):
-            os.stat(path)
-            fd = os.open(path, os.O_RDONLY)
-            os.read(fd, 4096)
-            os.close(fd)
-        done += 50
-    return {"iterations": done, "elapsed_s": time.monotonic() - t0}
+    groups = 0
+    per_second: dict[int, list[float]] = {}  # second -> [groups, seconds on path 0, on path 1, ...]
+    while (now := time.monotonic()) < t1:
+        took = per_second.setdefault(int(now - t0), [0] + [0.0] * len(paths))
+        took[0] += 1
+        for i, path in enumerate(paths, 1):
+            start = time.perf_counter()
+            for _ in range(READ_GROUP):
+                os.stat(path)
+                fd = os.open(path, os.O_RDONLY)
+                os.read(fd, 4096)
+                os.close(fd)
+            took[i] += time.perf_counter() - start
+        groups += 1
+    return {"iterations_each": groups * READ_GROUP,
+            "seconds": [sum(t[i] for t in per_second.values()) for i in range(1, len(paths) + 1)],
+            "per_second": [t for _, t in sorted(per_second.items())]}
 
 
 def _write_loop(path: str, t0: float, t1: float) -> dict:
@@ -96,7 +114,7 @@ def worker_main() -> None:
     locks._ready()
     window = locks._read_line()
     if spec["workload"] == "read":
-        locks._report(_read_loop(spec["path"], window["t0"], window["t1"]))
+        locks._report(_read_loop(spec["paths"], window["t0"], window["t1"]))
     elif spec["workload"] == "write":
         locks._report(_write_loop(spec["path"], window["t0"], window["t1"]))
     else:  # a flock hand-off contender, measured as bench/locks.py measures its clients
@@ -123,6 +141,7 @@ class Row:
     daemon_cpu_ms_per_op: float = float("nan")  # both mount daemons
     cell_cpu_ms_per_op: float = float("nan")  # the three replicas
     exclusion_violations: int = 0
+    tmpfs_per_mount: float = float("nan")  # read rows: mount time per iteration / tmpfs's
     note: str = ""
 
 
@@ -173,29 +192,39 @@ def stop_mount(proc: subprocess.Popen, mnt: Path) -> None:
 
 def read_rows(args: argparse.Namespace, cached: Path, tmpfs_file: Path, daemon: subprocess.Popen,
               cell_pids: list[int]) -> list[Row]:
+    """One client alternates the loop on tmpfs and through the mount (see
+    _read_loop); unpinned, then pinned with the daemon to one CPU."""
     rows = []
     all_cpus = os.sched_getaffinity(0)
     for pinned in (False, True):
         cpu = min(all_cpus) if pinned else None
         label = "one CPU" if pinned else "unpinned"
-        for name, path in (("tmpfs", tmpfs_file), ("chubbyfs mount", cached)):
-            if pinned:
-                pin(daemon.pid, {cpu})
-            profile = None
-            if args.py_spy and name != "tmpfs":
-                profile = locks.start_profiler(args, daemon.pid, f"mount-read-{label.replace(' ', '-')}-daemon")
-            try:
-                results, cpu_used = measure([{"workload": "read", "path": str(path), "cpu": cpu}],
-                                                args.duration, [daemon.pid], cell_pids)
-            finally:
-                pin(daemon.pid, all_cpus)
-                if profile is not None:
-                    profile()
-            done = results[0]["iterations"]
-            rate = done / results[0]["elapsed_s"]
-            rows.append(Row("read", f"{name}, {label}", 1, rate,
-                            daemon_cpu_ms_per_op=cpu_used.cpu_s["daemons"] / done * 1e3 if name != "tmpfs" else math.nan))
-            log(f"read  {name:<15} {label:<8}: {rate:9.0f} it/s")
+        if pinned:
+            pin(daemon.pid, {cpu})
+        profile = None
+        if args.py_spy:
+            profile = locks.start_profiler(args, daemon.pid, f"mount-read-{label.replace(' ', '-')}-daemon")
+        try:
+            results, cpu_used = measure([{"workload": "read", "paths": [str(tmpfs_file), str(cached)],
+                                          "cpu": cpu}], args.duration, [daemon.pid], cell_pids)
+        finally:
+            pin(daemon.pid, all_cpus)
+            if profile is not None:
+                profile()
+        out = results[0]
+        n = out["iterations_each"]
+        tmpfs_s, mount_s = out["seconds"]
+        # Whole seconds only: the last, partial one is noise.
+        seconds = out["per_second"][:-1]
+        by_second = sorted(m / t for _, t, m in seconds if t and m) or [mount_s / tmpfs_s]
+        rows.append(Row("read", f"tmpfs, {label}", 1, n / tmpfs_s))
+        rows.append(Row("read", f"chubbyfs mount, {label}", 1, n / mount_s,
+                        daemon_cpu_ms_per_op=cpu_used.cpu_s["daemons"] / n * 1e3,
+                        tmpfs_per_mount=mount_s / tmpfs_s,
+                        note=f"by second 1/{by_second[0]:.1f} to 1/{by_second[-1]:.1f}"))
+        log(f"read  {label:<8}: tmpfs {n / tmpfs_s:9.0f} it/s, mount {n / mount_s:7.0f} it/s "
+            f"(1/{mount_s / tmpfs_s:.1f}); by second: "
+            + ", ".join(f"{g * READ_GROUP / t:.0f}/{g * READ_GROUP / m:.0f}" for g, t, m in seconds))
     return rows
 
 
@@ -320,15 +349,13 @@ def format_table(rows: list[Row], args: argparse.Namespace) -> str:
     lines = [f"The mount: 3 replicas on 127.0.0.1 (fsync on), two mount daemons, {args.duration:g} s per point, "
              f"{os.cpu_count()} cores, load average at the end {load[0]:.1f}", ""]
     sections = {r.section for r in rows}
-    reads = {r.name: r for r in rows if r.section == "read"}
     head = f"{'stat+open+read+close, cached file':<40} | {'it/s':>9} {'vs tmpfs':>9} {'daemon cpu us/it':>16}"
     lines += [head, "-" * len(head)] if "read" in sections else []
     for r in rows:
         if r.section == "read":
-            base = reads.get(r.name.replace("chubbyfs mount", "tmpfs"))
-            ratio = f"1/{base.ops_per_s / r.ops_per_s:.1f}" if base and r is not base and r.ops_per_s else ""
+            ratio = "" if math.isnan(r.tmpfs_per_mount) else f"1/{r.tmpfs_per_mount:.1f}"
             lines.append(f"{r.name:<40} | {_num(r.ops_per_s):>9} {ratio:>9} "
-                         f"{_num(r.daemon_cpu_ms_per_op * 1e3, 1):>16}")
+                         f"{_num(r.daemon_cpu_ms_per_op * 1e3, 1):>16}" + (f"  {r.note}" if r.note else ""))
     zk = next((r for r in rows if r.name.startswith("zookeeper")), None)
     head = (f"{'flock hand-off, 2 contenders':<40} | {'hand-offs/s':>11} {'acq p50':>8} {'gap p50':>8} "
             f"{'mount cpu ms':>12} {'cell cpu ms':>11} {'viol':>4} | {'x zk':>5}")
