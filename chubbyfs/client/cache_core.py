@@ -50,6 +50,9 @@ class ClientCache:
         self.contents: dict[str, tuple[bytes, Stat]] = {}
         self.stats: dict[str, Stat] = {}
         self.listings: dict[str, tuple[int, tuple[DirEntry, ...]]] = {}  # path -> (instance, entries)
+        # Each listing's stats by name: `lookup` answers from a directory of
+        # thousands of names without a scan (it runs for every cached open).
+        self._listed: dict[str, dict[str, Stat]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -79,6 +82,7 @@ class ClientCache:
         if not self.may_install(epoch, seq):
             return False
         self.listings[path] = (instance, tuple(entries))
+        self._listed[path] = {entry.name: entry.stat for entry in entries}
         return True
 
     # ---- lookups -------------------------------------------------------------------------------
@@ -112,13 +116,10 @@ class ClientCache:
         if stat is not None:
             return stat
         parent, _, name = path.rpartition("/")
-        found = self.listings.get(parent)
-        if found is None:
+        listed = self._listed.get(parent)
+        if listed is None:
             return None
-        for entry in found[1]:
-            if entry.name == name:
-                return entry.stat
-        return ABSENT
+        return listed.get(name, ABSENT)
 
     def _count(self, hit: object) -> None:
         if hit is None:
@@ -132,11 +133,13 @@ class ClientCache:
         self.contents.pop(path, None)
         self.stats.pop(path, None)
         self.listings.pop(path, None)
+        self._listed.pop(path, None)
 
     def clear(self) -> None:
         self.contents.clear()
         self.stats.clear()
         self.listings.clear()
+        self._listed.clear()
 
     def start_epoch(self, epoch: int) -> bool:
         """A reply from master epoch `epoch`. A new master knows nothing of
@@ -175,5 +178,7 @@ class ClientCache:
         for path, (_instance, listing) in self.listings.items():
             names = [entry.name for entry in listing]
             assert names == sorted(set(names)), f"listing of {path} not sorted or has duplicates"
+            assert self._listed.get(path) == {e.name: e.stat for e in listing}, f"index of {path} is stale"
+        assert self._listed.keys() == self.listings.keys(), "an index without its listing"
         if self.epoch == 0:
             assert not (self.contents or self.stats or self.listings), "entries without an epoch"

@@ -96,6 +96,9 @@ class Session:
         self.id = session_id
         self.lease_ms = lease_ms
         self.core = SessionLeaseCore(now_ms=lease_start * 1000, lease_ms=lease_ms, grace_ms=grace_ms)
+        # trio.current_time()'s clock, asked directly where every cached read
+        # asks it (the mount's cached opens): two calls fewer each time.
+        self._clock = trio.lowlevel.current_clock()
         self._changed = trio.Event()
         self._history: list[StateChange] = []
         self.caching = cache
@@ -168,7 +171,7 @@ class Session:
         return self.cache.lookup(path)
 
     def _cache_usable(self) -> bool:
-        return self.caching and self.core.cache_usable(trio.current_time() * 1000)
+        return self.caching and self.core.cache_usable(self._clock.current_time() * 1000)
 
     def _install(self, reply: dict, install: Callable[[str, int, int], bool]) -> None:
         """Install a read reply if the master said cacheable and we still may."""

@@ -303,18 +303,29 @@ _DECODERS: dict[int, Callable[[int, bytes, DecodeOptions], object]] = {
 DECODED_OPCODES: frozenset[int] = frozenset(int(op) for op in _DECODERS)
 
 
+_HEADER_SIZE = abi.IN_HEADER.size
+_unpack_header = abi.IN_HEADER.unpack_from
+
+# decode_parts' fast path: opcode -> (whole request's length, body unpacker, body class).
+_WHOLE_FAST: dict[int, tuple[int, Callable[..., tuple[int, ...]], type]] = {
+    int(op): (_HEADER_SIZE + st.size, st.unpack_from, cls) for op, (st, cls) in _WHOLE_STRUCT.items()}
+
+
 def _header_fields(buf: bytes | memoryview) -> tuple[int, ...]:
     """The header's fields as `abi.IN_HEADER` unpacks them (length, opcode,
     unique, nodeid, uid, gid, pid, total_extlen, padding), checked against
     the buffer's length."""
-    if len(buf) < abi.IN_HEADER.size:
-        raise FuseDecodeError(
-            f"request of {len(buf)} bytes is shorter than the {abi.IN_HEADER.size}-byte header")
-    fields = abi.IN_HEADER.unpack_from(buf)
-    if fields[0] != len(buf):
-        raise FuseDecodeError(f"header says {fields[0]} bytes but the request has {len(buf)}",
-                              unique=fields[2], opcode=fields[1])
+    fields = _unpack_header(buf) if len(buf) >= _HEADER_SIZE else None
+    if fields is None or fields[0] != len(buf):
+        raise _header_error(buf, fields)
     return fields
+
+
+def _header_error(buf: bytes | memoryview, fields: tuple[int, ...] | None) -> FuseDecodeError:
+    if fields is None:
+        return FuseDecodeError(f"request of {len(buf)} bytes is shorter than the {_HEADER_SIZE}-byte header")
+    return FuseDecodeError(f"header says {fields[0]} bytes but the request has {len(buf)}",
+                           unique=fields[2], opcode=fields[1])
 
 
 def header_of(fields: tuple[int, ...]) -> rq.InHeader:
@@ -337,12 +348,16 @@ def decode_parts(buf: bytes | memoryview,
     it. `buf` may be a view of a buffer reused for the next read: nothing
     returned refers to it.
     """
-    fields = _header_fields(buf)
+    # _header_fields, inline: a call per request is worth saving here.
+    size = len(buf)
+    fields = _unpack_header(buf) if size >= _HEADER_SIZE else None
+    if fields is None or fields[0] != size:
+        raise _header_error(buf, fields)
     opcode = fields[1]
-    whole = _WHOLE_STRUCT.get(opcode)
-    if whole is not None and fields[0] == abi.IN_HEADER.size + whole[0].size and not fields[7]:
+    whole = _WHOLE_FAST.get(opcode)
+    if whole is not None and whole[0] == size and not fields[7]:
         # The common fixed-size bodies (OPEN, RELEASE...), without extensions.
-        return fields, whole[1](fields[3], *whole[0].unpack_from(buf, abi.IN_HEADER.size))
+        return fields, whole[2](fields[3], *whole[1](buf, _HEADER_SIZE))
     body_end = len(buf) - fields[7] * 8
     if body_end < abi.IN_HEADER.size:
         raise FuseDecodeError(f"extensions of {fields[7] * 8} bytes exceed the body",

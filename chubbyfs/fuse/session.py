@@ -36,7 +36,7 @@ from .codec import xattr_list_payload, xattr_payload
 from .errors import FuseDecodeError, FuseEncodeError, FuseError
 from .inflight import InflightTable
 from .negotiate import Accepted, FuseConfig, Negotiated, NegotiationError, negotiate
-from .ops import NOT_NOW, Operations, RequestContext, context_of, overrides
+from .ops import NOT_NOW, Operations, RequestContext, overrides
 from .replies import (
     AttrOut, CreateOut, DirentBuffer, EntryOut, IoctlOut, LkOut, LseekOut, Notification,
     NotifyDelete, NotifyInvalEntry, NotifyInvalInode, NotifyPoll, NotifyStore, OpenOut,
@@ -71,6 +71,10 @@ class SessionStats:
     busy_poll_hits: int  # of which found one
 
 
+_Convert = Callable[[Any, Any, str], bytes]
+_new_tuple = tuple.__new__  # context_of's way of building a RequestContext, inline in _dispatch
+
+
 def _expect(value: Any, cls: type, method: str) -> Any:
     if not isinstance(value, cls):
         raise FuseEncodeError(f"{method} must return {cls.__name__}, got {type(value).__name__}")
@@ -89,8 +93,12 @@ def _empty(value: Any, method: str) -> bytes:
     return b""
 
 
-def _pack(cls: type) -> Callable[[Any, Any, str], bytes]:
-    return lambda value, req, method: _expect(value, cls, method).pack()
+def _pack(cls: type) -> _Convert:
+    def convert(value: Any, req: Any, method: str) -> bytes:
+        if not isinstance(value, cls):
+            _expect(value, cls, method)  # raises
+        return value.pack()
+    return convert
 
 
 def _read_bytes(value: Any, req: Any, method: str) -> bytes:
@@ -102,7 +110,7 @@ def _read_bytes(value: Any, req: Any, method: str) -> bytes:
 
 
 # How each method's return value becomes a reply payload.
-_CONVERT: dict[str, Callable[[Any, Any, str], bytes]] = {
+_CONVERT: dict[str, _Convert] = {
     "lookup": _pack(EntryOut), "symlink": _pack(EntryOut), "mknod": _pack(EntryOut),
     "mkdir": _pack(EntryOut), "link": _pack(EntryOut),
     "getattr": _pack(AttrOut), "setattr": _pack(AttrOut),
@@ -126,9 +134,13 @@ class FuseSession:
     def __init__(self, fd: int, ops: Operations, config: FuseConfig | None = None) -> None:
         self._fd = fd
         self._ops = ops
-        # Opcode -> method for requests first offered to `ops.answer_now`;
-        # filled once INIT is agreed (before that every request gets EIO).
-        self._now_opcodes: dict[int, str] = {}
+        # Opcode -> (method, its reply converter or None) for requests first
+        # offered to `ops.answer_now`; filled once INIT is agreed (before
+        # that every request gets EIO).
+        self._now_opcodes: dict[int, tuple[str, _Convert | None]] = {}
+        # Whether each request is logged (DEBUG): asked once, when serving
+        # starts, not per request.
+        self._log_requests = False
         self._config = config or FuseConfig()
         self._device_poller: select.poll | None = None
         self._table: InflightTable[trio.CancelScope] = InflightTable(
@@ -201,6 +213,7 @@ class FuseSession:
         if self._serving or self._closed.is_set():
             raise RuntimeError("a FuseSession serves its connection once")
         self._serving = True
+        self._log_requests = log.isEnabledFor(logging.DEBUG)
         os.set_blocking(self._fd, False)
         try:
             async with trio.open_nursery() as nursery:
@@ -387,12 +400,12 @@ class FuseSession:
             self._undecodable(exc)
             return
         opcode = fields[1]
-        if log.isEnabledFor(logging.DEBUG):
+        if self._log_requests:
             log.debug("%s unique=%d nodeid=%d %s", abi.Opcode(opcode).name, fields[2], fields[3], body)
         # The hot path: a request the filesystem can answer from what it has
         # at hand is answered here, with no task and no Request object.
-        method = self._now_opcodes.get(opcode)
-        if method is not None and self._try_answer_now(context_of(fields), body, method):
+        now = self._now_opcodes.get(opcode)
+        if now is not None and self._try_answer_now(_new_tuple(RequestContext, fields[1:7]), body, *now):
             return
         req = rq.Request(header_of(fields), body)
         if opcode == abi.Opcode.INIT:
@@ -444,7 +457,8 @@ class FuseSession:
             log.info("fuse 7.%d negotiated, flags %r", result.negotiated.minor,
                      _F(result.negotiated.flags))
             if overrides(self._ops, "answer_now"):
-                self._now_opcodes = {int(op): info.method for op, info in abi.OPCODES.items()
+                self._now_opcodes = {int(op): (info.method, _CONVERT.get(info.method))
+                                     for op, info in abi.OPCODES.items()
                                      if info.replies and info.method in self._ops.answer_now_methods}
             self._initialized.set()
             nursery.start_soon(self._ops.init, result.negotiated)
@@ -466,16 +480,20 @@ class FuseSession:
 
     # ------------------------------------------------------------- running
 
-    def _try_answer_now(self, ctx: RequestContext, body: Any, method: str) -> bool:
+    def _try_answer_now(self, ctx: RequestContext, body: Any, method: str, convert: _Convert | None) -> bool:
         """The filesystem's synchronous answer, if it has one (no task, and
         nothing an INTERRUPT could still reach: it is answered before the
-        next read)."""
+        next read). `ctx` is built as `context_of` builds it."""
         try:
             value = self._ops.answer_now(method, ctx, body)
             if value is NOT_NOW:
                 return False
-            convert = _CONVERT.get(method)
-            payload = convert(value, body, method) if convert else _empty(value, method)
+            if convert is not None:
+                payload = convert(value, body, method)
+            elif value is None:
+                payload = b""
+            else:
+                payload = _empty(value, method)
         except FuseError as exc:
             self._reply_error(ctx.unique, exc.errno)
             return True

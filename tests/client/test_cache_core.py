@@ -69,6 +69,23 @@ def test_negative_entries_come_from_cached_listings() -> None:
     assert cache.lookup("/ls/c/d/zz") is None
 
 
+def test_lookups_in_a_large_listing_and_after_it_is_replaced() -> None:
+    cache = cache_in_epoch()
+    names = [f"n{i:05}" for i in range(5_000)]
+    cache.put_listing("/ls/c/big", 1, tuple(DirEntry(n, stat(f"/ls/c/big/{n}", i + 1))
+                                            for i, n in enumerate(names)), epoch=3, seq=0)
+    assert cache.lookup("/ls/c/big/n04999") == stat("/ls/c/big/n04999", 5_000)
+    assert cache.lookup("/ls/c/big/n00000") == stat("/ls/c/big/n00000", 1)
+    assert cache.lookup("/ls/c/big/n05000") is ABSENT
+    cache.put_listing("/ls/c/big", 1, (DirEntry("other", stat("/ls/c/big/other", 7)),), epoch=3, seq=0)
+    assert cache.lookup("/ls/c/big/n04999") is ABSENT, "a name from the replaced listing"
+    assert cache.lookup("/ls/c/big/other") == stat("/ls/c/big/other", 7)
+    cache.assert_invariants()
+    cache.clear()
+    assert cache.lookup("/ls/c/big/other") is None
+    cache.assert_invariants()
+
+
 @pytest.mark.parametrize("kind", [ITEM_MASTER_FAILOVER, ITEM_EVENTS_LOST])
 def test_failover_and_lost_events_flush_everything(kind: int) -> None:
     cache = cache_in_epoch()
