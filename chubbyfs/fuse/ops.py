@@ -24,8 +24,8 @@ This module only declares the interface; it imports no trio.
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from . import requests as rq
 from .errors import FuseError
@@ -53,8 +53,12 @@ def _enosys() -> FuseError:
     return FuseError(errno.ENOSYS)
 
 
-# Returned by `Operations.answer_now` when the request needs its async handler.
+# Returned by an `Operations.answer_now_handlers` handler when the request
+# needs its async method.
 NOT_NOW = object()
+
+# A synchronous answer: (ctx, request body) -> the method's return value, or NOT_NOW.
+AnswerNow = Callable[["RequestContext", Any], object]
 
 
 def context_of(header_fields: tuple[int, ...]) -> RequestContext:
@@ -69,19 +73,17 @@ _new_tuple = tuple.__new__  # RequestContext._make without its Python-level fram
 class Operations:
     """Base class for filesystems served by `FuseSession`."""
 
-    # Methods the session first offers to `answer_now` (e.g. {"open", "release"}).
-    answer_now_methods: frozenset[str] = frozenset()
+    def answer_now_handlers(self) -> Mapping[str, AnswerNow]:
+        """Synchronous answers, by method name (e.g. {"open": self.open_now}).
 
-    def answer_now(self, method: str, ctx: RequestContext, req: object) -> object:
-        """Answer `req` at once, without a task of its own, or return `NOT_NOW`.
-
-        Called synchronously from the read loop for the methods named in
-        `answer_now_methods`, before the next request is read: it must not
-        block, and whatever it returns is sent as `method`'s reply (a raised
-        `FuseError` as its error). For requests a cache can answer: a task per
-        request costs more than such an answer.
+        The read loop offers each request of those methods to its handler
+        first, before the next request is read: the handler must not block,
+        and whatever it returns is sent as the method's reply (a raised
+        `FuseError` as its error); `NOT_NOW` hands the request to the async
+        method as usual. For requests a cache can answer: a task per request
+        costs more than such an answer. Asked once, when the session is made.
         """
-        return NOT_NOW
+        return {}
 
     async def init(self, negotiated: Negotiated) -> None:
         """Called once INIT is answered; the mount is usable from then on."""

@@ -36,7 +36,7 @@ from .codec import xattr_list_payload, xattr_payload
 from .errors import FuseDecodeError, FuseEncodeError, FuseError
 from .inflight import InflightTable
 from .negotiate import Accepted, FuseConfig, Negotiated, NegotiationError, negotiate
-from .ops import NOT_NOW, Operations, RequestContext, overrides
+from .ops import NOT_NOW, AnswerNow, Operations, RequestContext, overrides
 from .replies import (
     AttrOut, CreateOut, DirentBuffer, EntryOut, IoctlOut, LkOut, LseekOut, Notification,
     NotifyDelete, NotifyInvalEntry, NotifyInvalInode, NotifyPoll, NotifyStore, OpenOut,
@@ -73,6 +73,8 @@ class SessionStats:
 
 _Convert = Callable[[Any, Any, str], bytes]
 _new_tuple = tuple.__new__  # context_of's way of building a RequestContext, inline in _dispatch
+_pack_out_header = abi.OUT_HEADER.pack
+_OUT_HEADER_SIZE = abi.OUT_HEADER.size
 
 
 def _expect(value: Any, cls: type, method: str) -> Any:
@@ -134,10 +136,15 @@ class FuseSession:
     def __init__(self, fd: int, ops: Operations, config: FuseConfig | None = None) -> None:
         self._fd = fd
         self._ops = ops
-        # Opcode -> (method, its reply converter or None) for requests first
-        # offered to `ops.answer_now`; filled once INIT is agreed (before
-        # that every request gets EIO).
-        self._now_opcodes: dict[int, tuple[str, _Convert | None]] = {}
+        # Opcode -> (method, answer-now handler, reply converter or None) for
+        # requests first offered to `ops.answer_now_handlers()`; filled once
+        # INIT is agreed (before that every request gets EIO).
+        self._now_handlers = dict(ops.answer_now_handlers())
+        served = {info.method for info in abi.OPCODES.values() if info.replies}
+        if not self._now_handlers.keys() <= served:
+            raise ValueError(f"answer-now handlers for methods that are not answered: "
+                             f"{sorted(self._now_handlers.keys() - served)}")
+        self._now_opcodes: dict[int, tuple[str, AnswerNow, _Convert | None]] = {}
         # Whether each request is logged (DEBUG): asked once, when serving
         # starts, not per request.
         self._log_requests = False
@@ -339,12 +346,14 @@ class FuseSession:
         # per request, which glibc may serve with mmap/mremap/munmap (some
         # 10 us for a 64-byte OPEN). Decoding copies what it keeps.
         buffer = bytearray(self._config.read_buffer_size)
+        buffers = (buffer,)
         view = memoryview(buffer)
         since_checkpoint = 0
+        checkpoint_every = self._config.checkpoint_every
         busy_poll_s = self._config.busy_poll_us / 1e6
         while True:
             try:
-                size = os.readv(self._fd, (buffer,))
+                size = os.readv(self._fd, buffers)
             except BlockingIOError:
                 if not (since_checkpoint and busy_poll_s and self._poll_device(busy_poll_s)):
                     since_checkpoint = 0
@@ -366,7 +375,7 @@ class FuseSession:
             if self._failure is not None:
                 return
             since_checkpoint += 1
-            if since_checkpoint >= self._config.checkpoint_every:
+            if since_checkpoint >= checkpoint_every:
                 # A busy kernel would otherwise starve woken lock waiters.
                 since_checkpoint = 0
                 await trio.lowlevel.checkpoint()
@@ -456,10 +465,9 @@ class FuseSession:
             self._decode_options = result.negotiated.decode_options
             log.info("fuse 7.%d negotiated, flags %r", result.negotiated.minor,
                      _F(result.negotiated.flags))
-            if overrides(self._ops, "answer_now"):
-                self._now_opcodes = {int(op): (info.method, _CONVERT.get(info.method))
-                                     for op, info in abi.OPCODES.items()
-                                     if info.replies and info.method in self._ops.answer_now_methods}
+            self._now_opcodes = {int(op): (info.method, self._now_handlers[info.method], _CONVERT.get(info.method))
+                                 for op, info in abi.OPCODES.items()
+                                 if info.replies and info.method in self._now_handlers}
             self._initialized.set()
             nursery.start_soon(self._ops.init, result.negotiated)
 
@@ -480,12 +488,13 @@ class FuseSession:
 
     # ------------------------------------------------------------- running
 
-    def _try_answer_now(self, ctx: RequestContext, body: Any, method: str, convert: _Convert | None) -> bool:
+    def _try_answer_now(self, ctx: RequestContext, body: Any, method: str, handler: AnswerNow,
+                        convert: _Convert | None) -> bool:
         """The filesystem's synchronous answer, if it has one (no task, and
         nothing an INTERRUPT could still reach: it is answered before the
         next read). `ctx` is built as `context_of` builds it."""
         try:
-            value = self._ops.answer_now(method, ctx, body)
+            value = handler(ctx, body)
             if value is NOT_NOW:
                 return False
             if convert is not None:
@@ -502,7 +511,8 @@ class FuseSession:
             log.exception("%s (unique %d) answered at once failed", method, ctx.unique)
             self._reply_error(ctx.unique, errno.EIO)
             return True
-        self._reply(encode_reply(ctx.unique, payload))
+        # encode_reply, inline (the kernel's unique is never 0).
+        self._reply(_pack_out_header(_OUT_HEADER_SIZE + len(payload), 0, ctx.unique) + payload)
         return True
 
     def _context(self, req: rq.Request) -> RequestContext:

@@ -30,7 +30,6 @@ import stat as st
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
@@ -40,7 +39,7 @@ from chubbyfs.client.session import ABSENT, Handle, SessionState
 from chubbyfs.fuse import abi
 from chubbyfs.fuse import requests as rq
 from chubbyfs.fuse.errors import FuseError
-from chubbyfs.fuse.ops import NOT_NOW, Operations, RequestContext
+from chubbyfs.fuse.ops import NOT_NOW, AnswerNow, Operations, RequestContext
 from chubbyfs.fuse.replies import (
     Attr, AttrOut, CreateOut, DirEntry, DirEntryPlus, DirentBuffer, EntryOut, NotifyInvalEntry,
     NotifyInvalInode, NotifyPoll, OpenOut, StatfsOut, dirent_type,
@@ -632,20 +631,14 @@ class ChubbyOperations(Operations):
             return OpenOut(f.fh, abi.FOPEN_KEEP_CACHE | abi.FOPEN_NOFLUSH)
         return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
 
-    answer_now_methods = frozenset({"open", "flush", "release"})
-
-    def answer_now(self, method: str, ctx: RequestContext, req: Any) -> object:
+    def answer_now_handlers(self) -> dict[str, AnswerNow]:
         """Requests that need nothing from the cell, answered without a task:
         read-only opens of files whose read handle is at hand, flushes with
         nothing to commit and no fcntl lock to release, and releases of
         read-only opens that hold no lock."""
-        if method == "open":
-            return self._open_now(ctx, req)
-        if method == "flush":
-            return self._flush_now(ctx, req)
-        return self._release_now(ctx, req)
+        return {"open": self.open_now, "flush": self.flush_now, "release": self.release_now}
 
-    def _open_now(self, ctx: RequestContext, req: rq.Open) -> object:
+    def open_now(self, ctx: RequestContext, req: rq.Open) -> object:
         inode = self.inodes.get(req.nodeid)
         if inode is None or inode.virtual is not None or inode.is_dir or req.flags & os.O_ACCMODE:
             return NOT_NOW
@@ -660,13 +653,13 @@ class ChubbyOperations(Operations):
         h = us.reads.borrow_cached(inode.path)
         return NOT_NOW if h is None else self._open_borrowed(ctx, inode, us, h, req.flags, cached)
 
-    def _flush_now(self, ctx: RequestContext, req: rq.Flush) -> object:
+    def flush_now(self, ctx: RequestContext, req: rq.Flush) -> object:
         f = self.files.get(req.fh)
         if f is None or (f.buffer is not None and f.buffer.flush_pending) or f.ino in self._posix_locks:
             return NOT_NOW
         return None
 
-    def _release_now(self, ctx: RequestContext, req: rq.Release) -> object:
+    def release_now(self, ctx: RequestContext, req: rq.Release) -> object:
         f = self.files.get(req.fh)
         if f is None or not f.borrowed or f.locks or (f.buffer is not None and f.buffer.dirty):
             return NOT_NOW

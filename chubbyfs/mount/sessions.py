@@ -114,7 +114,8 @@ class ReadHandles:
         if handle is None or path in self._suspect:
             return None
         self._handles.move_to_end(path)
-        return self._lend(handle)
+        self._borrowers[handle.id] = self._borrowers.get(handle.id, 0) + 1  # _lend, inline: every cached open
+        return handle
 
     def _lend(self, handle: Handle) -> Handle:
         self._borrowers[handle.id] = self._borrowers.get(handle.id, 0) + 1

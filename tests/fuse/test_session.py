@@ -19,7 +19,7 @@ from chubbyfs.fuse import abi
 from chubbyfs.fuse import requests as rq
 from chubbyfs.fuse.errors import FuseError
 from chubbyfs.fuse.negotiate import FuseConfig
-from chubbyfs.fuse.ops import NOT_NOW, Operations, RequestContext
+from chubbyfs.fuse.ops import NOT_NOW, AnswerNow, Operations, RequestContext
 from chubbyfs.fuse.replies import (
     Attr, DirEntry, DirentBuffer, EntryOut, NotifyInvalEntry, OpenOut,
 )
@@ -164,14 +164,15 @@ async def test_init_then_requests_and_errors() -> None:
 class Quick(Toy):
     """Opens of inode 2 answered at once; others by the async handler."""
 
-    answer_now_methods = frozenset({"open"})
-
     def __init__(self) -> None:
         super().__init__()
         self.handled: list[int] = []
 
-    def answer_now(self, method: str, ctx: RequestContext, req: object) -> object:
-        assert method == "open" and isinstance(req, rq.Open) and ctx.pid == 4242
+    def answer_now_handlers(self) -> dict[str, AnswerNow]:
+        return {"open": self.open_now}
+
+    def open_now(self, ctx: RequestContext, req: object) -> object:
+        assert isinstance(req, rq.Open) and ctx.pid == 4242
         if req.nodeid == 3:
             raise FuseError(errno.EACCES)
         if req.nodeid == 4:
@@ -201,8 +202,18 @@ async def test_answer_now_replies_without_a_task_or_falls_back() -> None:
         session.assert_invariants()
 
 
+def test_answer_now_handlers_must_name_answered_methods() -> None:
+    class Wrong(Toy):
+        def answer_now_handlers(self) -> dict[str, AnswerNow]:
+            return {"forget": lambda ctx, req: None}  # FORGET is never answered
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs, pytest.raises(ValueError, match="forget"):
+        FuseSession(ours.fileno(), Wrong())
+
+
 async def test_answer_now_waits_for_init() -> None:
-    # Before INIT every request is EIO, including those answer_now would take.
+    # Before INIT every request is EIO, including those answered at once after it.
     ops = Quick()
     async with fake_mount(ops, init=False) as (kernel, session):
         assert (await kernel.call(14, struct.pack("<II", 0, 0), unique=4, nodeid=2))[:2] == (-errno.EIO, 4)

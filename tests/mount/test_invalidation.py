@@ -156,20 +156,20 @@ async def test_flush_is_answered_at_once_unless_it_has_work(ops: ChubbyOperation
     path = f"/ls/{CELL}/f"
     ctx = context_of((0, abi.Opcode.FLUSH, 10, ino, 0, 0, 77, 0, 0))
     reader = ops.files[1] = OpenFile(1, ino, CELL, path, None, None, None, False, 77)
-    assert ops.answer_now("flush", ctx, rq.Flush(ino, 1, 99)) is None
+    assert ops.flush_now(ctx, rq.Flush(ino, 1, 99)) is None
     writer = ops.files[2] = OpenFile(2, ino, CELL, path, None, None, FileBuffer(append=False, max_bytes=64),
                                      True, 77)
     assert writer.buffer is not None
     writer.buffer.truncate(0)  # only truncated: a flush commits nothing (the last close will)
-    assert ops.answer_now("flush", ctx, rq.Flush(ino, 2, 99)) is None
+    assert ops.flush_now(ctx, rq.Flush(ino, 2, 99)) is None
     writer.buffer.write(0, b"x")
-    assert ops.answer_now("flush", ctx, rq.Flush(ino, 2, 99)) is NOT_NOW
-    assert ops.answer_now("flush", ctx, rq.Flush(ino, 5, 99)) is NOT_NOW  # unknown: EBADF from flush()
+    assert ops.flush_now(ctx, rq.Flush(ino, 2, 99)) is NOT_NOW
+    assert ops.flush_now(ctx, rq.Flush(ino, 5, 99)) is NOT_NOW  # unknown: EBADF from flush()
     # An fcntl lock slot on any open file of the node: the flush may end the
     # closing process's POSIX locks, so it takes the async path.
     reader.locks[(99, False)] = LockSlot(is_flock=False)
     ops._posix_locks[ino] = 1
-    assert ops.answer_now("flush", ctx, rq.Flush(ino, 1, 12)) is NOT_NOW
+    assert ops.flush_now(ctx, rq.Flush(ino, 1, 12)) is NOT_NOW
     ops.assert_invariants()
     await ops.flush(ctx, rq.Flush(ino, 1, 99))  # the lock owner closes a descriptor: its slot goes
     assert reader.locks == {} and ops._posix_locks == {}
