@@ -20,6 +20,8 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from chubbyfs._frozen import builder
+
 from . import abi
 from . import requests as rq
 from .errors import FuseDecodeError, FuseEncodeError, FuseError
@@ -306,9 +308,9 @@ DECODED_OPCODES: frozenset[int] = frozenset(int(op) for op in _DECODERS)
 _HEADER_SIZE = abi.IN_HEADER.size
 _unpack_header = abi.IN_HEADER.unpack_from
 
-# decode_parts' fast path: opcode -> (whole request's length, body unpacker, body class).
-_WHOLE_FAST: dict[int, tuple[int, Callable[..., tuple[int, ...]], type]] = {
-    int(op): (_HEADER_SIZE + st.size, st.unpack_from, cls) for op, (st, cls) in _WHOLE_STRUCT.items()}
+# decode_parts' fast path: opcode -> (whole request's length, body unpacker, body builder).
+_WHOLE_FAST: dict[int, tuple[int, Callable[..., tuple[int, ...]], Callable[..., object]]] = {
+    int(op): (_HEADER_SIZE + st.size, st.unpack_from, builder(cls)) for op, (st, cls) in _WHOLE_STRUCT.items()}
 
 
 def _header_fields(buf: bytes | memoryview) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ import trio
 
 from chubbyfs.client.connection import CellConnection, CellError, CellUnavailableError
 from chubbyfs.client.events import Event, EventKind
+from chubbyfs._frozen import builder
 from chubbyfs.client.session import ABSENT, Handle, SessionState
 from chubbyfs.fuse import abi
 from chubbyfs.fuse import requests as rq
@@ -54,6 +55,8 @@ from .inodes import CONTROL_DIR, CONTROL_FILES, ROOT_INO, Inode, InodeTable
 from .sessions import FILE_EVENTS, SessionPool, UserSession
 
 log = logging.getLogger("chubbyfs.mount")
+
+_open_out = builder(OpenOut)  # OpenOut(...) at half the cost: one per cached open
 
 EVENT_CONTENTS_MODIFIED = int(EventKind.CONTENTS_MODIFIED)
 # Negative entries the kernel may cache, remembered so that they can be
@@ -625,10 +628,10 @@ class ChubbyOperations(Operations):
                 # Someone holds (or asks for) an fcntl lock on this file: a
                 # close of this descriptor must send the FLUSH that releases
                 # its process's POSIX locks.
-                return OpenOut(f.fh, abi.FOPEN_KEEP_CACHE)
+                return _open_out(f.fh, abi.FOPEN_KEEP_CACHE)
             # No FLUSH at close (nothing to commit): one round trip less per
             # open/close. See _posix_locks for what that means for fcntl locks.
-            return OpenOut(f.fh, abi.FOPEN_KEEP_CACHE | abi.FOPEN_NOFLUSH)
+            return _open_out(f.fh, abi.FOPEN_KEEP_CACHE | abi.FOPEN_NOFLUSH)
         return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
 
     def answer_now_handlers(self) -> dict[str, AnswerNow]:
