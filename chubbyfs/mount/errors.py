@@ -33,6 +33,9 @@ ERRNO_OF_CODE: dict[str, int] = {
     "limit_exceeded": errno.ENOSPC,
     "unavailable": errno.EIO,
     "unknown_outcome": errno.EIO,
+    # A numbered call the cell forgot (more calls in flight than it keeps
+    # answers for): its outcome is unknown, as for unknown_outcome.
+    "stale_request": errno.EIO,
     "cancelled": errno.EINTR,
     "not_initialized": errno.EIO,
     "bad_request": errno.EIO,

@@ -44,6 +44,13 @@ def test_message_refines_the_errno() -> None:
     assert all(v > 0 for v in ERRNO_OF_CODE.values())
 
 
+def test_every_code_of_the_cell_has_its_errno() -> None:
+    from chubbyfs.cell.commands import ErrorCode
+
+    missing = {c.name.lower() for c in ErrorCode if c is not ErrorCode.OK} - ERRNO_OF_CODE.keys()
+    assert not missing, f"cell error codes the mount would answer EIO unannounced: {sorted(missing)}"
+
+
 @pytest.mark.parametrize("raw,err", [
     (b"", errno.EINVAL), (b".", errno.EINVAL), (b"..", errno.EINVAL), (b"a\x01b", errno.EINVAL),
     (b"\xff\xfe", errno.EINVAL), (b"x" * 256, errno.ENAMETOOLONG),
