@@ -136,14 +136,13 @@ class FuseSession:
     def __init__(self, fd: int, ops: Operations, config: FuseConfig | None = None) -> None:
         self._fd = fd
         self._ops = ops
-        # Opcode -> (method, answer-now handler, reply converter or None) for
-        # requests first offered to `ops.answer_now_handlers()`; filled once
-        # INIT is agreed (before that every request gets EIO).
         self._now_handlers = dict(ops.answer_now_handlers())
         served = {info.method for info in abi.OPCODES.values() if info.replies}
         if not self._now_handlers.keys() <= served:
             raise ValueError(f"answer-now handlers for methods that are not answered: "
                              f"{sorted(self._now_handlers.keys() - served)}")
+        # Opcode -> (method, its answer-now handler, reply converter or None);
+        # filled once INIT is agreed (before that every request gets EIO).
         self._now_opcodes: dict[int, tuple[str, AnswerNow, _Convert | None]] = {}
         # Whether each request is logged (DEBUG): asked once, when serving
         # starts, not per request.
