@@ -410,11 +410,34 @@ class FuseSession:
         opcode = fields[1]
         if self._log_requests:
             log.debug("%s unique=%d nodeid=%d %s", abi.Opcode(opcode).name, fields[2], fields[3], body)
-        # The hot path: a request the filesystem can answer from what it has
-        # at hand is answered here, with no task and no Request object.
         now = self._now_opcodes.get(opcode)
-        if now is not None and self._try_answer_now(_new_tuple(RequestContext, fields[1:7]), body, *now):
-            return
+        if now is not None:
+            # The hot path: a request the filesystem can answer from what it
+            # has at hand is answered here, with no task and no Request
+            # object, and before the next read (so no INTERRUPT can reach
+            # it). Inline, not a method: a call per request is worth saving.
+            method, handler, convert = now
+            try:
+                # `ctx` built as context_of builds it.
+                value = handler(_new_tuple(RequestContext, fields[1:7]), body)
+                if value is not NOT_NOW:
+                    if convert is not None:
+                        payload = convert(value, body, method)
+                    elif value is None:
+                        payload = b""
+                    else:
+                        payload = _empty(value, method)
+                    # encode_reply, inline (the kernel's unique is never 0).
+                    self._reply(_pack_out_header(_OUT_HEADER_SIZE + len(payload), 0, fields[2]) + payload)
+                    return
+            except FuseError as exc:
+                self._reply_error(fields[2], exc.errno)
+                return
+            except Exception:
+                self._counts["handler_crashes"] += 1
+                log.exception("%s (unique %d) answered at once failed", method, fields[2])
+                self._reply_error(fields[2], errno.EIO)
+                return
         req = rq.Request(header_of(fields), body)
         if opcode == abi.Opcode.INIT:
             self._handle_init(req, nursery)
@@ -486,33 +509,6 @@ class FuseSession:
                 self._reply_error(own_unique, errno.EAGAIN)
 
     # ------------------------------------------------------------- running
-
-    def _try_answer_now(self, ctx: RequestContext, body: Any, method: str, handler: AnswerNow,
-                        convert: _Convert | None) -> bool:
-        """The filesystem's synchronous answer, if it has one (no task, and
-        nothing an INTERRUPT could still reach: it is answered before the
-        next read). `ctx` is built as `context_of` builds it."""
-        try:
-            value = handler(ctx, body)
-            if value is NOT_NOW:
-                return False
-            if convert is not None:
-                payload = convert(value, body, method)
-            elif value is None:
-                payload = b""
-            else:
-                payload = _empty(value, method)
-        except FuseError as exc:
-            self._reply_error(ctx.unique, exc.errno)
-            return True
-        except Exception:
-            self._counts["handler_crashes"] += 1
-            log.exception("%s (unique %d) answered at once failed", method, ctx.unique)
-            self._reply_error(ctx.unique, errno.EIO)
-            return True
-        # encode_reply, inline (the kernel's unique is never 0).
-        self._reply(_pack_out_header(_OUT_HEADER_SIZE + len(payload), 0, ctx.unique) + payload)
-        return True
 
     def _context(self, req: rq.Request) -> RequestContext:
         h = req.header
