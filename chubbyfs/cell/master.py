@@ -956,6 +956,22 @@ class _InlineWait:
         self._reply_to({"error": "retry", "message": "master changed while the Acquire waited"}, None)
 
 
+def raft_error_reply(exc: BaseException, leader_address: str | None = None) -> dict | None:
+    """The wire answer for an exception from the Raft layer under a call
+    (not the leader, a proposal lost, dropped or of unknown outcome), or
+    None for any other exception. The replica and the cell simulator both
+    answer with it, so the simulator checks what clients really get."""
+    if isinstance(exc, NotLeaderError):
+        return {"error": "not_leader", "leader": exc.leader, "leader_address": leader_address}
+    if isinstance(exc, ProposalLostError):
+        return {"error": "lost", "message": str(exc)}
+    if isinstance(exc, ProposalDroppedError):
+        return {"error": "retry", "message": str(exc) or "proposal dropped; retry"}
+    if isinstance(exc, ProposalOutcomeUnknownError):  # includes the replica stopping
+        return {"error": "unavailable", "message": str(exc)}
+    return None
+
+
 def _reply_as_wire(reply_to: Callable[[dict | None, BaseException | None], None], value: Any,
                    error: BaseException | None) -> None:
     """A KeepAlive's outcome as `handle_nowait` reports one: a refusal as its

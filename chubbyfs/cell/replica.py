@@ -31,7 +31,7 @@ from chubbyfs.wire.stream import FramedStream, parse_address
 
 from . import kv
 from .config import CellConfig
-from .master import CellService, ObservedStateMachine
+from .master import CellService, ObservedStateMachine, raft_error_reply
 from .state_machine import CellStateMachine
 
 log = logging.getLogger(__name__)
@@ -325,16 +325,9 @@ class _ReplyOutbox:
 
 def _error_reply(cell: CellConfig, exc: BaseException) -> dict:
     """The wire answer for an exception from the Raft layer or a bad request."""
-    if isinstance(exc, NotLeaderError):
-        address = cell.addresses().get(exc.leader) if exc.leader else None
-        return {"error": "not_leader", "leader": exc.leader, "leader_address": address}
-    if isinstance(exc, ProposalLostError):
-        return {"error": "lost", "message": str(exc)}
-    if isinstance(exc, ProposalDroppedError):
-        return {"error": "retry", "message": str(exc) or "proposal dropped; retry"}
-    if isinstance(exc, ProposalOutcomeUnknownError):  # includes the replica stopping
-        return {"error": "unavailable", "message": str(exc)}
-    return {"error": "bad_request", "message": f"{type(exc).__name__}: {exc}"}
+    leader = exc.leader if isinstance(exc, NotLeaderError) else None
+    reply = raft_error_reply(exc, cell.addresses().get(leader) if leader else None)
+    return reply if reply is not None else {"error": "bad_request", "message": f"{type(exc).__name__}: {exc}"}
 
 
 def _key(request: dict) -> str:

@@ -19,10 +19,9 @@ from typing import Any
 
 import trio
 
-from ...cell.master import CellService, ObservedStateMachine
+from ...cell.master import CellService, ObservedStateMachine, raft_error_reply
 from ...cell.state_machine import CellStateMachine
-from ...raft.node import NotLeaderError, ProposalLostError, ProposalOutcomeUnknownError, RaftNode
-from ...raft import ProposalDroppedError
+from ...raft.node import RaftNode
 from ...wire.cell_protocol import ITEM_INVALIDATE
 from ..checkers.cache import CacheChecker
 from ..checkers.cell_nodes import CellFileModel
@@ -207,14 +206,9 @@ class CellSimNode(SimNode):
             return self._error_reply(exc, request)
 
     def _error_reply(self, exc: BaseException, request: dict) -> dict:
-        if isinstance(exc, NotLeaderError):
-            return {"error": "not_leader", "leader": exc.leader}
-        if isinstance(exc, ProposalLostError):
-            return {"error": "lost", "message": str(exc)}
-        if isinstance(exc, ProposalDroppedError):
-            return {"error": "retry", "message": str(exc) or "proposal dropped"}
-        if isinstance(exc, ProposalOutcomeUnknownError):
-            return {"error": "unavailable", "message": str(exc)}
+        reply = raft_error_reply(exc)  # the replica's answer (no addresses here)
+        if reply is not None:
+            return reply
         self.cluster.violations.append(
             f"master on n{self.id} raised {type(exc).__name__} for {request.get('op')}: {exc}")
         return {"error": "internal", "message": f"{type(exc).__name__}: {exc}"}
