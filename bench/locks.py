@@ -167,19 +167,9 @@ async def _chubbyfs_worker(spec: dict) -> None:
 
     cell = spec["cell"]
     async with AsyncExitStack() as stack:
-        for attempt in range(10):
-            try:
-                # A blocked Acquire is one call: give it longer than any queue wait.
-                session = await stack.enter_async_context(
-                    open_session(cell, addresses=spec["addresses"], call_timeout_s=120.0))
-                break
-            except CellError as exc:
-                # Sessions created concurrently can reach the log out of id order,
-                # and the cell then refuses the later-numbered one as
-                # invalid_argument; nothing was created, so ask again.
-                if exc.code != "invalid_argument" or attempt == 9:
-                    raise
-                await trio.sleep(0.01 * (attempt + 1))
+        # A blocked Acquire is one call: give it longer than any queue wait.
+        session = await stack.enter_async_context(
+            open_session(cell, addresses=spec["addresses"], call_timeout_s=120.0))
         if spec["workload"] == "handoff":
             handle = await session.open(f"/ls/{cell}/{LOCK_NAME}", write=True, lock=True, create="file")
         else:

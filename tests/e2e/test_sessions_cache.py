@@ -29,6 +29,25 @@ async def _master(cell, exclude: int | None = None) -> int:
         return await cell.wait_for_leader(conn, exclude=exclude)
 
 
+async def test_sessions_opened_all_at_once_are_all_created(chubby_cell):
+    # The master numbers sessions in increasing order and the cell refuses an
+    # id below one it has seen: the CreateSessions must reach the log in the
+    # order their ids were given (RaftNode.propose appends before it yields).
+    await _master(chubby_cell)
+    addresses = list(chubby_cell.addresses.values())
+    ids: list[int] = []
+
+    async def one() -> None:
+        async with open_session("t", addresses=addresses) as s:
+            ids.append(s.id)
+
+    for _ in range(3):
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(one)
+    assert len(ids) == len(set(ids)) == 120
+
+
 async def test_a_cached_read_is_never_older_than_an_acknowledged_write(chubby_cell):
     addresses = list(chubby_cell.addresses.values())
     async with open_session("t", addresses=addresses, call_timeout_s=30) as a, \
