@@ -47,6 +47,7 @@ from chubbyfs.fuse.replies import (
 )
 from chubbyfs.fuse.requests import FileLock
 from chubbyfs.fuse.session import FuseSession
+from chubbyfs.locks import DEFAULT_LOCK_DELAY_MS, MAX_LOCK_DELAY_MS
 from chubbyfs.wire.cell_protocol import Stat
 
 from .errors import BadName, check_name, errno_for
@@ -65,8 +66,6 @@ MAX_NEGATIVE_ENTRIES = 16384
 XATTR_PREFIX = "user.chubby."
 READONLY_XATTRS = ("instance", "content_gen", "lock_gen", "acl_gen", "checksum", "ephemeral")
 ACL_XATTRS = ("acl.read", "acl.write", "acl.change")
-DEFAULT_LOCK_DELAY_MS = 15_000
-MAX_LOCK_DELAY_MS = 60_000
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 DIR_MODE = st.S_IFDIR | 0o755
 FILE_MODE = st.S_IFREG | 0o644

@@ -1,6 +1,7 @@
 """The mount while things fail (each test with its own cell): a master
 killed under a blocked flock, a cached file and short call timeouts; a
-daemon frozen past its session's lease under a cached file and a poller."""
+daemon frozen past its session's lease under a cached file and a poller;
+the daemon of a flock holder killed (the primary's machine dying)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,47 @@ def test_blocked_flock_survives_call_timeouts_and_master_failover(cell, tmp_path
         assert holder.wait(timeout=30) == 0
         assert read_line(waiter, 30) == "got\n"
         assert waiter.wait(timeout=10) == 0
+    finally:
+        for proc in (holder, waiter):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        stop_mount(m1)
+        stop_mount(m2)
+
+
+def test_a_dead_holders_lock_passes_on_after_its_lease_and_lock_delay_never_before(
+        cell, tmp_path: pathlib.Path) -> None:
+    # USERS.md 1: `flock -x leader -c ...` on two machines; the primary's
+    # machine dies (here its mount daemon, kill -9). The other takes over
+    # once the dead session's lease has run out and the lock-delay passed,
+    # and never earlier; the winner then writes its name into the file.
+    lease_s, delay_s = 1.5, 3.0
+    c = cell(session_lease_ms=int(lease_s * 1000))
+    m1 = start_mount(tmp_path / "m1", c.cells_path, tmp_path / "m1.log")
+    m2 = start_mount(tmp_path / "m2", c.cells_path, tmp_path / "m2.log")
+    holder = waiter = None
+    try:
+        (m1.cell / "leader").write_text("")
+        subprocess.run(["setfattr", "-n", "user.chubby.lock_delay_ms", "-v", str(int(delay_s * 1000)), "leader"],
+                       cwd=m1.cell, check=True)
+        holder = subprocess.Popen(["flock", "-x", "leader", "-c", "echo m1 > leader; echo held; exec sleep 600"],
+                                  cwd=m1.cell, stdout=subprocess.PIPE, text=True)
+        assert read_line(holder, 10) == "held\n"
+        waiter = subprocess.Popen(["flock", "-x", "leader", "-c", "echo m2 > leader; echo got"],
+                                  cwd=m2.cell, stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert waiter.poll() is None, "granted while held"
+        assert (m2.cell / "leader").read_text() == "m1\n"
+        died = time.monotonic()
+        m1.proc.kill()
+        m1.proc.wait()
+        assert read_line(waiter, 60) == "got\n"
+        took = time.monotonic() - died
+        assert took >= delay_s, f"granted {took:.2f} s after the holder's machine died, within the lock-delay"
+        assert took <= lease_s + delay_s + 15, f"granted only {took:.2f} s after the holder's machine died"
+        assert waiter.wait(timeout=10) == 0
+        assert (m2.cell / "leader").read_text() == "m2\n"
     finally:
         for proc in (holder, waiter):
             if proc is not None and proc.poll() is None:
