@@ -13,7 +13,7 @@ import signal
 import subprocess
 import time
 
-from .conftest import CELL, PY, REPO, needs_fuse, start_mount, stop_mount
+from .conftest import CELL, PY, REPO, Mount, needs_fuse, start_mount, stop_mount
 
 pytestmark = needs_fuse
 
@@ -30,6 +30,15 @@ def read_line(proc: subprocess.Popen, timeout_s: float) -> str:
     ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
     assert ready, f"no output within {timeout_s} s"
     return proc.stdout.readline()
+
+
+def _clean_up(procs: tuple[subprocess.Popen | None, ...], mounts: tuple[Mount, ...]) -> None:
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for m in mounts:
+        stop_mount(m)
 
 
 def test_blocked_flock_survives_call_timeouts_and_master_failover(cell, tmp_path: pathlib.Path) -> None:
@@ -62,12 +71,7 @@ def test_blocked_flock_survives_call_timeouts_and_master_failover(cell, tmp_path
         assert read_line(waiter, 30) == "got\n"
         assert waiter.wait(timeout=10) == 0
     finally:
-        for proc in (holder, waiter):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        stop_mount(m1)
-        stop_mount(m2)
+        _clean_up((holder, waiter), (m1, m2))
 
 
 def test_a_dead_holders_lock_passes_on_after_its_lease_and_lock_delay_never_before(
@@ -103,12 +107,7 @@ def test_a_dead_holders_lock_passes_on_after_its_lease_and_lock_delay_never_befo
         assert waiter.wait(timeout=10) == 0
         assert (m2.cell / "leader").read_text() == "m2\n"
     finally:
-        for proc in (holder, waiter):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        stop_mount(m1)
-        stop_mount(m2)
+        _clean_up((holder, waiter), (m1, m2))
 
 
 def test_expiry_drops_the_kernel_caches_and_wakes_pollers_with_pollerr(cell, tmp_path: pathlib.Path) -> None:
