@@ -170,6 +170,12 @@ class Session:
             return None
         return self.cache.lookup(path)
 
+    def cached_contents(self, path: str) -> tuple[bytes, Stat] | None:
+        """From the cache only: a file's contents and stat, or None."""
+        if not self._cache_usable():
+            return None
+        return self.cache.get_contents(path)
+
     def _cache_usable(self) -> bool:
         return self.caching and self.core.cache_usable(self._clock.current_time() * 1000)
 

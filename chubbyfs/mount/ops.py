@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 
 import trio
 
+from chubbyfs._frozen import builder
+from chubbyfs.cell import names
+from chubbyfs.cell.acl import admits, parse_acl
 from chubbyfs.client.connection import CellConnection, CellError, CellUnavailableError
 from chubbyfs.client.events import Event, EventKind
-from chubbyfs._frozen import builder
 from chubbyfs.client.session import ABSENT, Handle, SessionState
 from chubbyfs.fuse import abi
 from chubbyfs.fuse import requests as rq
@@ -153,6 +155,8 @@ class ChubbyOperations(Operations):
         self._attr_ns = int(self.config.attr_timeout_s * 1e9)
         self._entry_ns = int(self.config.entry_timeout_s * 1e9)
         self._paged: set[int] = set()  # inodes opened FOPEN_KEEP_CACHE (may have pages)
+        # (cell, ACL name) -> session id -> admitted as a reader (_admitted_reader).
+        self._admitted: dict[tuple[str, str], dict[int, bool]] = {}
         # Inodes whose pages may hold contents no session caches, until the
         # queued invalidation is taken (no FOPEN_KEEP_CACHE meanwhile).
         self._suspect: dict[int, trio.Event] = {}
@@ -580,22 +584,27 @@ class ChubbyOperations(Operations):
             f.control_data = (await self._control_text(ctx, inode)).encode()
             return OpenOut(f.fh, abi.FOPEN_DIRECT_IO)
         us = await self.user_session(ctx, inode.cell)
-        if acc == os.O_RDONLY:
+        if acc == os.O_RDONLY and await self._admits_reader(us, inode):
             # Readers share the session's read handle on the path: opening a
             # file already walked to costs no round trip.
             with cell_errors(f"open {inode.path}"):
                 h = await us.reads.borrow(inode.path)
             return self._open_borrowed(ctx, inode, us, h, req.flags)
         with cell_errors(f"open {inode.path}"):
-            try:
-                # Writers read too: appends and edits in place start from the
-                # current contents.
-                h = await us.session.open(inode.path, read=True, write=True, events=FILE_EVENTS)
-            except CellError as exc:
-                if exc.code != "permission_denied" or acc != os.O_WRONLY:
-                    raise
-                # A write-only user can still replace the whole file.
-                h = await us.session.open(inode.path, read=False, write=True, events=FILE_EVENTS)
+            if acc == os.O_RDONLY:
+                # Not known to be admitted: the cell decides, on a handle of
+                # this open's own.
+                h = await us.session.open(inode.path, read=True, events=FILE_EVENTS)
+            else:
+                try:
+                    # Writers read too: appends and edits in place start from
+                    # the current contents.
+                    h = await us.session.open(inode.path, read=True, write=True, events=FILE_EVENTS)
+                except CellError as exc:
+                    if exc.code != "permission_denied" or acc != os.O_WRONLY:
+                        raise
+                    # A write-only user can still replace the whole file.
+                    h = await us.session.open(inode.path, read=False, write=True, events=FILE_EVENTS)
         if h.stat.is_directory:
             await self._close_handle(h)
             raise FuseError(errno.EISDIR)
@@ -647,10 +656,12 @@ class ChubbyOperations(Operations):
         us = self.pool.peek(inode.cell, self._principals.get(ctx.uid) or self.principal(ctx.uid))
         if us is None:
             return NOT_NOW
-        # A Stat here means the session is safe within its lease (so not
-        # expired); otherwise ask the session itself.
+        # A Stat here means the session is safe within its lease. The cached
+        # handle was opened (and the ACL checked) for an earlier open: lend it
+        # only if the read ACL, as the coherent cache holds it, still admits
+        # this user.
         cached = us.session.lookup_cached(inode.path)
-        if not isinstance(cached, Stat) and us.expired:
+        if not isinstance(cached, Stat) or not self._admitted_reader(us, inode.cell, cached):
             return NOT_NOW
         h = us.reads.borrow_cached(inode.path)
         return NOT_NOW if h is None else self._open_borrowed(ctx, inode, us, h, req.flags, cached)
@@ -669,6 +680,50 @@ class ChubbyOperations(Operations):
         assert f.us is not None and f.handle is not None
         f.us.reads.give_back(f.handle)
         return None
+
+    def _admitted_reader(self, us: UserSession, cell: str, stat: Stat) -> bool | None:
+        """Whether the read ACL of the node `stat` describes admits the
+        session's user, from the session's cache: the master drops a cached
+        ACL file (and the node's stat, when its ACL names change) before any
+        change to them is acknowledged, so a reader struck from the ACL is
+        refused at its next open. None if the ACL file is not cached. False
+        where the cell might still admit (an administrator not listed): the
+        caller then lets the cell decide. Answers are kept per (ACL, session)
+        until that ACL file's invalidation or the cell's flush."""
+        known = self._admitted.get((cell, stat.acl_read))
+        session_id = us.session.id
+        if known is not None and session_id in known:
+            return known[session_id]
+        hit = us.session.cached_contents(names.acl_file_path(cell, stat.acl_read))
+        if hit is None:
+            return None
+        admitted = admits(parse_acl(hit[0]), us.principal)
+        self._admitted.setdefault((cell, stat.acl_read), {})[session_id] = admitted
+        return admitted
+
+    async def _admits_reader(self, us: UserSession, inode: Inode) -> bool:
+        """`_admitted_reader`, reading the node's stat and its ACL file into
+        the session's cache first if need be; False when that cannot be known
+        (the user may not read the ACL file, say)."""
+        try:
+            stat = us.session.lookup_cached(inode.path)
+            if not isinstance(stat, Stat):
+                h = await us.reads.borrow(inode.path)  # a handle opened now: the cell checked its ACL
+                try:
+                    stat = await h.get_stat()
+                finally:
+                    us.reads.give_back(h)
+            admitted = self._admitted_reader(us, inode.cell, stat)
+            if admitted is None:
+                acl = await us.reads.borrow(names.acl_file_path(inode.cell, stat.acl_read))
+                try:
+                    await acl.get_contents_and_stat()  # a cacheable read: the ACL file enters the cache
+                finally:
+                    us.reads.give_back(acl)
+                admitted = self._admitted_reader(us, inode.cell, stat)
+        except CellError:
+            return False
+        return bool(admitted)
 
     def _cached_generation(self, us: UserSession, path: str, instance: int) -> int | None:
         """The content generation of `path` the session caches (so the master
@@ -1212,6 +1267,9 @@ class ChubbyOperations(Operations):
         kernel's attributes and pages of the node, its entry, and (a
         directory's listing changed) its children's attributes, pages and
         entries, including missing names; awaited before the acknowledgement."""
+        directory, _, name = path.rpartition("/")
+        if directory == names.acl_directory(cell):
+            self._admitted.pop((cell, name), None)  # before any await: no open may use it again
         for us in self.pool.all():
             if us.cell == cell:
                 us.reads.suspect(path)
@@ -1229,6 +1287,8 @@ class ChubbyOperations(Operations):
 
     async def on_flush(self, cell: str) -> None:
         """A session's whole cache was dropped: drop every kernel copy of the cell."""
+        for key in [key for key in self._admitted if key[0] == cell]:
+            del self._admitted[key]
         inodes = self.inodes.of_cell(cell)
         entries: list[tuple[int, str]] = []
         for inode in inodes:

@@ -305,6 +305,27 @@ def test_identity_and_acls(mounts: Setup) -> None:
     assert sh(as_nobody + "cat ../.chubby/session", d).stdout.count(f"principal: {user}") == 1
 
 
+def test_a_reader_struck_from_the_acl_is_refused_at_its_next_open(mounts: Setup) -> None:
+    d, _ = fresh_dir(mounts)
+    sh("echo secret > f", d)
+    as_nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups "
+    user = sh("id -un 65534", check=False).stdout.strip() or "nobody"
+    sh(f"echo {user} > ../acl/r-{d.name} && setfattr -n user.chubby.acl.read -v r-{d.name} f", d)
+    for _ in range(3):  # the daemon keeps that user's read handle on f
+        assert sh(as_nobody + "cat f", d).stdout == "secret\n"
+    sh(f"echo somebody-else > ../acl/r-{d.name}", d)
+    out = sh(as_nobody + "cat f", d, check=False)
+    assert out.returncode != 0 and "Permission denied" in out.stderr, out
+    sh(f"echo {user} > ../acl/r-{d.name}", d)  # admitted again
+    for _ in range(2):
+        assert sh(as_nobody + "cat f", d).stdout == "secret\n"
+    # The node now names another ACL, which does not list that user.
+    sh(f"echo somebody-else > ../acl/r2-{d.name} && setfattr -n user.chubby.acl.read -v r2-{d.name} f", d)
+    out = sh(as_nobody + "cat f", d, check=False)
+    assert out.returncode != 0 and "Permission denied" in out.stderr, out
+    assert sh("cat f", d).stdout == "secret\n", "an administrator still reads it"
+
+
 def test_control_files(mounts: Setup) -> None:
     ctl = mounts.m1.cell / ".chubby"
     assert sorted(os.listdir(ctl)) == ["epoch", "master", "session", "state"]
