@@ -694,7 +694,13 @@ class ChubbyOperations(Operations):
         session_id = us.session.id
         if known is not None and session_id in known:
             return known[session_id]
-        hit = us.session.cached_contents(names.acl_file_path(cell, stat.acl_read))
+        acl_path = names.acl_file_path(cell, stat.acl_read)
+        hit = us.session.cached_contents(acl_path)
+        if hit is None:
+            # ACL files are often readable by administrators only: the
+            # daemon's own session (root's) reads them for everyone.
+            own = self.pool.peek(cell, self.principal(0))
+            hit = own.session.cached_contents(acl_path) if own is not None else None
         if hit is None:
             return None
         admitted = admits(parse_acl(hit[0]), us.principal)
@@ -715,15 +721,25 @@ class ChubbyOperations(Operations):
                     us.reads.give_back(h)
             admitted = self._admitted_reader(us, inode.cell, stat)
             if admitted is None:
-                acl = await us.reads.borrow(names.acl_file_path(inode.cell, stat.acl_read))
+                acl_path = names.acl_file_path(inode.cell, stat.acl_read)
                 try:
-                    await acl.get_contents_and_stat()  # a cacheable read: the ACL file enters the cache
-                finally:
-                    us.reads.give_back(acl)
+                    await self._read_into_cache(us, acl_path)
+                except CellError:  # the user may not read it (see _admitted_reader)
+                    await self._read_into_cache(await self.pool.get(inode.cell, self.principal(0)), acl_path)
                 admitted = self._admitted_reader(us, inode.cell, stat)
         except CellError:
             return False
         return bool(admitted)
+
+    @staticmethod
+    async def _read_into_cache(us: UserSession, path: str) -> None:
+        """Read a file through the session's read handle: a cacheable read,
+        so its contents enter the session's consistent cache."""
+        h = await us.reads.borrow(path)
+        try:
+            await h.get_contents_and_stat()
+        finally:
+            us.reads.give_back(h)
 
     def _cached_generation(self, us: UserSession, path: str, instance: int) -> int | None:
         """The content generation of `path` the session caches (so the master

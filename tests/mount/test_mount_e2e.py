@@ -4,6 +4,7 @@ ordinary shell tools and Python programs in their own processes."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pathlib
 import signal
@@ -305,6 +306,11 @@ def test_identity_and_acls(mounts: Setup) -> None:
     assert sh(as_nobody + "cat ../.chubby/session", d).stdout.count(f"principal: {user}") == 1
 
 
+def commit_index(mounts: Setup) -> int:
+    rows = json.loads(sh(f"{PY} -m chubbyfs status --json", REPO, env=mounts.env).stdout)
+    return max(r["commit"] for r in rows if r["commit"] is not None)
+
+
 def test_a_reader_struck_from_the_acl_is_refused_at_its_next_open(mounts: Setup) -> None:
     d, _ = fresh_dir(mounts)
     sh("echo secret > f", d)
@@ -313,6 +319,12 @@ def test_a_reader_struck_from_the_acl_is_refused_at_its_next_open(mounts: Setup)
     sh(f"echo {user} > ../acl/r-{d.name} && setfattr -n user.chubby.acl.read -v r-{d.name} f", d)
     for _ in range(3):  # the daemon keeps that user's read handle on f
         assert sh(as_nobody + "cat f", d).stdout == "secret\n"
+    # ... and answers that user's opens from it, though the user may not
+    # read the ACL file itself: no Open/Close in the log per cat.
+    before = commit_index(mounts)
+    for _ in range(10):
+        assert sh(as_nobody + "cat f", d).stdout == "secret\n"
+    assert commit_index(mounts) - before <= 5, "cached opens wrote to the log"
     sh(f"echo somebody-else > ../acl/r-{d.name}", d)
     out = sh(as_nobody + "cat f", d, check=False)
     assert out.returncode != 0 and "Permission denied" in out.stderr, out
