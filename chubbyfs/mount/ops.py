@@ -709,12 +709,12 @@ class ChubbyOperations(Operations):
 
     async def _admits_reader(self, us: UserSession, inode: Inode) -> bool:
         """`_admitted_reader`, reading the node's stat and its ACL file into
-        the session's cache first if need be; False when that cannot be known
-        (the user may not read the ACL file, say)."""
+        the sessions' caches first if need be; False when that cannot be known
+        (no session of the daemon may read the ACL file, say)."""
         try:
             stat = us.session.lookup_cached(inode.path)
             if not isinstance(stat, Stat):
-                h = await us.reads.borrow(inode.path)  # a handle opened now: the cell checked its ACL
+                h = await us.reads.borrow(inode.path)  # for the stat only: the ACL file decides below
                 try:
                     stat = await h.get_stat()
                 finally:
