@@ -714,32 +714,19 @@ class ChubbyOperations(Operations):
         try:
             stat = us.session.lookup_cached(inode.path)
             if not isinstance(stat, Stat):
-                h = await us.reads.borrow(inode.path)  # for the stat only: the ACL file decides below
-                try:
-                    stat = await h.get_stat()
-                finally:
-                    us.reads.give_back(h)
+                stat = await us.reads.stat(inode.path)
             admitted = self._admitted_reader(us, inode.cell, stat)
             if admitted is None:
                 acl_path = names.acl_file_path(inode.cell, stat.acl_read)
                 try:
-                    await self._read_into_cache(us, acl_path)
+                    await us.reads.contents(acl_path)
                 except CellError:  # the user may not read it (see _admitted_reader)
-                    await self._read_into_cache(await self.pool.get(inode.cell, self.principal(0)), acl_path)
+                    own = await self.pool.get(inode.cell, self.principal(0))
+                    await own.reads.contents(acl_path)
                 admitted = self._admitted_reader(us, inode.cell, stat)
         except CellError:
             return False
         return bool(admitted)
-
-    @staticmethod
-    async def _read_into_cache(us: UserSession, path: str) -> None:
-        """Read a file through the session's read handle: a cacheable read,
-        so its contents enter the session's consistent cache."""
-        h = await us.reads.borrow(path)
-        try:
-            await h.get_contents_and_stat()
-        finally:
-            us.reads.give_back(h)
 
     def _cached_generation(self, us: UserSession, path: str, instance: int) -> int | None:
         """The content generation of `path` the session caches (so the master
@@ -1283,13 +1270,12 @@ class ChubbyOperations(Operations):
         kernel's attributes and pages of the node, its entry, and (a
         directory's listing changed) its children's attributes, pages and
         entries, including missing names; awaited before the acknowledgement."""
-        directory, _, name = path.rpartition("/")
-        if directory == names.acl_directory(cell):
+        parent_path, _, name = path.rpartition("/")
+        if parent_path == names.acl_directory(cell):
             self._admitted.pop((cell, name), None)  # before any await: no open may use it again
         for us in self.pool.all():
             if us.cell == cell:
                 us.reads.suspect(path)
-        parent_path, _, name = path.rpartition("/")
         nodes = self.inodes.by_path(cell, path)
         inodes = list(nodes)
         entries = [(parent.ino, name) for parent in self.inodes.by_path(cell, parent_path)]

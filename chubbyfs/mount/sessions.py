@@ -212,6 +212,17 @@ class ReadHandles:
             return stat
         return await self._with_retry(path, op)
 
+    async def contents(self, path: str) -> bytes:
+        """A file's contents: a cacheable read, so they enter the session's
+        consistent cache (the mount's ACL check reads ACL files so)."""
+        async def op(h: Handle) -> bytes | None:
+            contents, stat = await h.get_contents_and_stat()
+            if stat.path != path:
+                return None
+            self._release_if_ephemeral(path, h, stat)
+            return contents
+        return await self._with_retry(path, op)
+
     async def list(self, path: str) -> list[DirEntry]:
         async def op(h: Handle) -> list[DirEntry] | None:
             entries = await h.read_dir()
