@@ -35,6 +35,18 @@ def frozen(cls: type[_T]) -> type[_T]:
         raise TypeError(f"{cls.__name__}: @frozen supports plain fields and plain defaults only")
     # A subclass's inherited fields have their slots in the base class.
     namespace: dict[str, Any] = {f"_set_{f.name}": _slot(cls, f.name).__set__ for f in fields}
+    body = "".join(f"    _set_{f.name}(self, {f.name})\n" for f in fields) or "    pass\n"
+    exec(f"def __init__(self, {_parameters(fields, namespace)}):\n{body}", namespace)  # noqa: S102
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__doc__ = cls.__init__.__doc__
+    cls.__init__ = init  # type: ignore[misc]
+    return cls
+
+
+def _parameters(fields: tuple[dataclasses.Field, ...], namespace: dict[str, Any]) -> str:
+    """The generated function's parameter list, one per field, with the
+    fields' defaults (put into `namespace` for the generated code)."""
     params = []
     for f in fields:
         if f.default is dataclasses.MISSING:
@@ -42,13 +54,7 @@ def frozen(cls: type[_T]) -> type[_T]:
         else:
             namespace[f"_default_{f.name}"] = f.default
             params.append(f"{f.name}=_default_{f.name}")
-    body = "".join(f"    _set_{f.name}(self, {f.name})\n" for f in fields) or "    pass\n"
-    exec(f"def __init__(self, {', '.join(params)}):\n{body}", namespace)  # noqa: S102
-    init = namespace["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    init.__doc__ = cls.__init__.__doc__
-    cls.__init__ = init  # type: ignore[misc]
-    return cls
+    return ", ".join(params)
 
 
 def _slot(cls: type, name: str) -> Any:
@@ -72,15 +78,9 @@ def builder(cls: type[_T]) -> Callable[..., _T]:
     else:
         twin = type(f"_{cls.__name__}Twin", (), {"__slots__": names})
         namespace: dict[str, Any] = {"_cls": cls, "_twin": twin, "_new": object.__new__}
-        params = []
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.default is dataclasses.MISSING:
-                params.append(f.name)
-            else:
-                namespace[f"_default_{f.name}"] = f.default
-                params.append(f"{f.name}=_default_{f.name}")
+        params = _parameters(dataclasses.fields(cls), namespace)  # type: ignore[arg-type]
         body = "".join(f"    obj.{name} = {name}\n" for name in names)
-        exec(f"def build_{cls.__name__}({', '.join(params)}):\n    obj = _new(_twin)\n{body}"  # noqa: S102
+        exec(f"def build_{cls.__name__}({params}):\n    obj = _new(_twin)\n{body}"  # noqa: S102
              "    obj.__class__ = _cls\n    return obj\n", namespace)
         build = namespace[f"build_{cls.__name__}"]
     _builders[cls] = build
